@@ -1,0 +1,43 @@
+"""Op families, one module each. ``ALL_SPECS`` is what the core defines out of the box.
+
+Each module holds the spec (schema + torch reference + generators + cost) and a thin public
+function (``mla_decode(...)``) that validates, selects a kernel through the registry and runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .._spec import OpSpec
+
+# Module names of the built-in op families; a missing module is a packaging bug, not a plugin issue.
+OP_MODULES = (
+    "mla_decode",
+    "mla_prefill",
+    "rms_norm",
+    "rope",
+    "silu_and_mul",
+    "kv_cache_write",
+    "sample",
+    "moe",
+)
+
+
+def all_specs() -> list[OpSpec]:
+    specs = []
+    for name in OP_MODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # op family not written yet
+            raise
+        specs.append(mod.SPEC)
+    return specs
+
+
+def __getattr__(name: str):
+    # tokenspeed_core.ops.mla_decode(...) etc.: the public op functions, imported on first use
+    if name in OP_MODULES:
+        return getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    raise AttributeError(name)
