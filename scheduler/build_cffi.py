@@ -1,0 +1,49 @@
+"""cffi build script (API mode, out-of-line) for the C++ scheduler.
+
+setup.py names it in ``cffi_modules``; ``pip install .`` compiles the C ABI header's declarations
+plus every ``scheduler/src/*.cpp`` into the extension module ``tokenspeed._scheduler_cffi``.
+``depends=`` lists the headers, so editing a header rebuilds the extension.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+ABI_HEADER = os.path.join(_HERE, "include", "tokenspeed_scheduler.h")
+
+
+def _rel(path: str) -> str:
+    # setuptools wants source paths relative to the project root (where setup.py runs).
+    return os.path.relpath(path, _ROOT) if os.getcwd() == _ROOT else path
+
+
+def cdef_text() -> str:
+    """The part of the ABI header between the CDEF markers: plain C declarations for cffi."""
+    with open(ABI_HEADER, encoding="utf-8") as f:
+        text = f.read()
+    begin = text.index("/* CDEF BEGIN")
+    begin = text.index("*/", begin) + 2
+    end = text.index("/* CDEF END */")
+    return text[begin:end]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text())
+ffibuilder.set_source(
+    "tokenspeed._scheduler_cffi",
+    '#include "tokenspeed_scheduler.h"',
+    source_extension=".cpp",
+    sources=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "src", "*.cpp"))),
+    include_dirs=[_rel(os.path.join(_HERE, "include"))],
+    depends=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "include", "**", "*.h*"), recursive=True)),
+    extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden"],
+    language="c++",
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(_HERE, "_build"), verbose=True)
