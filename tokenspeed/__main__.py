@@ -1,0 +1,5 @@
+import sys
+
+from tokenspeed.cli import main
+
+sys.exit(main())
