@@ -265,7 +265,7 @@ void Scheduler::admit_waiting(int32_t& budget) {
 }
 
 const Plan& Scheduler::step() {
-  if (awaiting_commit_)
+  if (awaiting_commit_ && plan_.num_entries() > 0)  // an empty plan needs no commit
     fail(ErrorCode::kProtocol, "step() called again before commit() of step " + std::to_string(plan_.step_id));
   plan_.clear();
   plan_.step_id = next_step_id_++;
@@ -283,7 +283,7 @@ const Plan& Scheduler::step() {
   pending_truncate_lens_.clear();
   plan_.pack();
   ++stats_.steps;
-  awaiting_commit_ = !plan_.req_ids.empty();
+  awaiting_commit_ = true;
   return plan_;
 }
 
