@@ -1,0 +1,68 @@
+"""The CLI works on a CPU-only machine: kernels, env, bench (reference backend, small preset), check."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tokenspeed_core as tc
+from tokenspeed.cli import main
+from tokenspeed_core.bench import format_shape, measure_ceilings, parse_shape, run_bench
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSPEED_CACHE_DIR", str(tmp_path))
+
+
+def test_kernels_json(capsys):
+    assert main(["kernels", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ops = {e["op"] for e in info["implementations"]}
+    assert "mla_decode" in ops
+    assert all(any(e["selected"] for e in info["implementations"] if e["op"] == op) for op in ops)
+
+
+def test_env_json(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and "reference" in info["plugins"]
+
+
+def test_bench_mla_decode_small_preset_writes_json_and_csv(tmp_path, capsys):
+    j, c = tmp_path / "r.json", tmp_path / "r.csv"
+    rc = main(["bench", "mla_decode", "--preset", "small", "--backends", "reference", "--iters", "3",
+               "--json", str(j), "--csv", str(c)])
+    assert rc == 0
+    data = json.loads(j.read_text())
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["gemm_tflops"] > 0
+    rows = data["rows"]
+    assert len(rows) == 2 and all(r["backend"] == "reference" and r["median_us"] > 0 for r in rows)
+    assert all(0 < r["pct_copy"] and math.isfinite(r["tflops"]) for r in rows)
+    assert rows[0]["repro"].startswith("tokenspeed bench mla_decode --shape")
+    assert c.read_text().count("\n") == 3
+    assert "% copy" in capsys.readouterr().out
+
+
+def test_bench_repro_shape_roundtrip():
+    case = dict(B=2, q_len=4, H=16, page_size=64, seqlens=[5, 9], dtype=torch.bfloat16, ragged=False)
+    assert parse_shape(format_shape(case)) == case
+
+
+def test_run_bench_reports_unsupported_backend_as_row():
+    reg = tc.build_registry(entry_points=False)
+    with reg.registering_as("t"):
+        reg.register("mla_decode", lambda **k: None, backend="gpu", devices=("cuda",))
+    ceil = measure_ceilings("cpu", quick=True)
+    rows = run_bench("mla_decode", [dict(B=1, q_len=1, H=2, page_size=16, seqlen=40, dtype=torch.float32)],
+                     registry=reg, device=torch.device("cpu"), ceilings=ceil, backends=["gpu", "reference"], iters=2)
+    by = {r.backend: r for r in rows}
+    assert by["gpu"].error.startswith("unsupported: device cpu") and by["reference"].median_us > 0
+
+
+def test_check_reference_passes(capsys):
+    assert main(["check", "reference", "--ops", "mla_decode"]) == 0
+    assert "reference: PASS" in capsys.readouterr().out
