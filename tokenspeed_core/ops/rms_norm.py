@@ -77,6 +77,7 @@ def grid(size: str) -> list[dict]:
                 dict(T=2, N=4097, dtype=dtype, residual=True),
             ]
         cases += [dict(T=9, N=512, dtype=torch.bfloat16, residual=True, scale=30.0),
+                  dict(T=2, N=16385, dtype=torch.bfloat16, residual=True),  # wider than a register tile
                   dict(T=0, N=64, dtype=torch.float16, residual=True)]
     else:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
