@@ -403,8 +403,11 @@ const FinishedList& Scheduler::commit(const CommitInput& in) {
       any_finished = true;
       continue;
     }
-    // Rejected draft slots: their pages are dropped (never cached: they were never full+valid).
-    const auto keep = static_cast<std::size_t>(ceil_div(static_cast<int64_t>(body.core.tokens.size()), ps));
+    // Rejected drafts roll back logically: num_computed stops before them, so their KV is never
+    // cached and gets overwritten next step. Pages beyond what the next step's 1 + k query tokens
+    // need are released (keeping exactly those avoids freeing and re-allocating every step).
+    const auto keep = static_cast<std::size_t>(
+        ceil_div(static_cast<int64_t>(body.core.tokens.size()) + config_.num_draft_slots, ps));
     if (body.pages.size() > keep) {
       body.pages.truncate(keep);
       pending_truncate_rows_.push_back(body.row);
