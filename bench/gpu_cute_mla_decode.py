@@ -1,0 +1,194 @@
+"""One device run for the CuTe DSL mla_decode: conformance on the GPU, CUDA-graph capture, then a
+benchmark side by side with the Triton kernel and the copy/GEMM ceilings measured in the same run.
+
+    source .device/setup.sh && PYTHONUNBUFFERED=1 python bench/gpu_cute_mla_decode.py --out $OUT
+
+Works without installing the project: registers the reference, Triton and CuTe plugins by hand.
+Bench inputs are generated on the GPU (the spec's make_inputs builds caches on the CPU, which takes
+minutes for the 10 GB presets); every request at full length s_k, as in the FlashMLA anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_triton", "src"),
+          os.path.join(ROOT, "tokenspeed_kernels_blackwell", "src")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+import tokenspeed_core  # noqa: E402
+from tokenspeed_core.bench import measure_ceilings, time_calls  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def build_registry():
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    from tokenspeed_kernels_blackwell import plugin as cute_plugin
+    with reg.registering_as("cute"):
+        cute_plugin.tokenspeed_register_kernels(registry=reg)
+    try:
+        from tokenspeed_kernels_triton import plugin as triton_plugin
+        with reg.registering_as("triton"):
+            triton_plugin.tokenspeed_register_kernels(registry=reg)
+    except Exception as exc:  # the Triton baseline is optional
+        log(f"triton plugin failed: {exc!r}")
+    return reg
+
+
+def bench_inputs(case, device):
+    b, ql, h, s, ps = case["B"], case["q_len"], case["H"], case["seqlen"], case["page_size"]
+    dtype = case["dtype"]
+    pages = -(-s // ps)
+    num_pages = b * pages + 1
+    cache = torch.randn((num_pages, ps, 576), device=device, dtype=dtype)
+    table = torch.randperm(num_pages, device=device)[: b * pages].view(b, pages).to(torch.int32)
+    return dict(
+        q=torch.randn((b, ql, h, 576), device=device, dtype=dtype), kv_cache=cache, page_table=table,
+        cache_seqlens=torch.full((b,), s, dtype=torch.int32, device=device),
+        out=torch.empty((b, ql, h, 512), device=device, dtype=dtype),
+        lse=torch.empty((b, ql, h), device=device, dtype=torch.float32),
+        softmax_scale=1.0 / math.sqrt(192), head_dim_v=512, kv_scale=1.0,
+    )
+
+
+def conformance(reg, out_dir):
+    from tokenspeed_core.testing import check_backend
+
+    rep = check_backend("mla_decode", "cute", size="full", device="cuda", registry=reg)
+    text = rep.format()
+    with open(os.path.join(out_dir, "conformance.txt"), "w") as f:
+        f.write(text)
+    ok = getattr(rep, "ok", None)
+    counts = {}
+    for r in rep.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    log(f"conformance ok={ok} {counts}")
+    for r in rep.results:
+        if r.status in ("fail", "error"):
+            print(f"  {r.status}: {r.label} :: err={r.max_abs_err} :: {r.detail[:400]}")
+    return ok, counts
+
+
+def graph_check(reg, device):
+    """Capture one decode call in a CUDA graph, replay on new data, compare with eager."""
+    impl = reg.backend("mla_decode", "cute")
+    case = dict(B=4, q_len=2, H=16, page_size=64, seqlen=1000, dtype=torch.bfloat16)
+    a = bench_inputs(case, device)
+    impl.fn(**a)  # compile + warm up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        impl.fn(**a)
+    a["q"].copy_(torch.randn_like(a["q"]))
+    a["cache_seqlens"].copy_(torch.tensor([1000, 3, 640, 65], dtype=torch.int32, device=device))
+    g.replay()
+    torch.cuda.synchronize()
+    got_o, got_l = a["out"].clone(), a["lse"].clone()
+    impl.fn(**a)
+    torch.cuda.synchronize()
+    same = torch.equal(got_o, a["out"]) and torch.equal(got_l, a["lse"])
+    log(f"cuda graph replay == eager: {same}")
+    return same
+
+
+def bench(reg, device, ceil, presets, out_dir, deadline):
+    spec = reg.spec("mla_decode")
+    rows = []
+    backends = [b for b in ("cute", "triton") if any(i.backend == b for i in reg.impls["mla_decode"])]
+    for preset in presets:
+        for case in spec.presets[preset]:
+            if time.time() > deadline:
+                log("deadline: stopping the benchmark")
+                return rows
+            case = dict(case)
+            try:
+                a = bench_inputs(case, device)
+            except torch.OutOfMemoryError:
+                log(f"OOM building {case}")
+                continue
+            call = spec.bind({k: v for k, v in a.items()})
+            cost = spec.cost(call)
+            row = dict(preset=preset, B=case["B"], q_len=case["q_len"], H=case["H"], s_k=case["seqlen"])
+            for be in backends:
+                impl = reg.backend("mla_decode", be)
+                try:
+                    t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=30, max_seconds=3.0)
+                    us = t.median_us
+                    row[be + "_us"] = round(us, 1)
+                    row[be + "_gbps"] = round(cost.bytes / us / 1e3, 1)
+                    row[be + "_tflops"] = round(cost.flops / us / 1e6, 1)
+                    row[be + "_copy_pct"] = round(100 * cost.bytes / us / 1e3 / ceil.copy_gbps, 1)
+                    row[be + "_gemm_pct"] = round(100 * cost.flops / us / 1e6 / ceil.gemm_tflops, 1)
+                except Exception as exc:
+                    row[be + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            log(json.dumps(row))
+            del a, call
+            torch.cuda.empty_cache()
+            with open(os.path.join(out_dir, "bench.json"), "w") as f:
+                json.dump({"ceilings": ceil.__dict__, "rows": rows}, f, indent=1)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--budget-s", type=float, default=520.0)
+    ap.add_argument("--presets", default="latency,memory,spec,compute")
+    ap.add_argument("--skip-conformance", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    log(f"{torch.cuda.get_device_name(0)} torch {torch.__version__}")
+    import cutlass
+    log(f"nvidia-cutlass-dsl {getattr(cutlass, '__version__', '?')}")
+    reg = build_registry()
+    try:
+        print(reg.explain("mla_decode", **bench_inputs(
+            dict(B=2, q_len=1, H=16, page_size=64, seqlen=300, dtype=torch.bfloat16), device)))
+    except Exception:
+        traceback.print_exc()
+    summary = {}
+    try:
+        t = time.time()
+        from tokenspeed_kernels_blackwell.mla_decode import compile_kernel
+        compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64)
+        log(f"first compile {time.time() - t:.1f}s")
+        summary["graph_ok"] = graph_check(reg, device)
+    except Exception:
+        traceback.print_exc()
+    if not args.skip_conformance:
+        try:
+            summary["conformance"] = conformance(reg, args.out)
+        except Exception:
+            traceback.print_exc()
+    ceil = measure_ceilings(device)
+    log(f"ceilings: copy {ceil.copy_gbps} GB/s, bf16 GEMM {ceil.gemm_tflops} TFLOP/s")
+    rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s)
+    print("\n| preset | B | q_len | H | s_k | cute µs | % copy | TFLOP/s | triton µs | cute/triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, tr = r.get("cute_us"), r.get("triton_us")
+        ratio = f"{tr / c:.2f}x" if c and tr else "-"
+        print(f"| {r['preset']} | {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | {c or r.get('cute_error', '-')} "
+              f"| {r.get('cute_copy_pct', '-')} | {r.get('cute_tflops', '-')} | {tr or r.get('triton_error', '-')} "
+              f"| {ratio} |")
+    print("summary", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""``mla_decode`` for the CuTe DSL backend: requirements, compile cache, launch, registration.
+
+Requirements are declared here, beside the launcher they guard (``supports``). The kernel itself
+is in :mod:`.mla_decode_kernel` and is imported only when a kernel is compiled, so this module
+imports without nvidia-cutlass-dsl.
+
+Shape class = (arch, dtype, H, q_len, D, Dv, page_size): everything else (batch, number of pages,
+table width, number of KV splits) is a run-time dimension of one compiled kernel. Launches go
+through TVM-FFI (``--enable-tvm-ffi``): torch tensors are passed directly, no per-call DLPack
+wrapping. The call allocates only through torch's caching allocator and never syncs with the
+host, so it is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+
+import torch
+
+OP = "mla_decode"
+PAGE_MULTIPLE = 64  # a KV tile is 64 contiguous rows of one page
+HEAD_DIM, HEAD_DIM_V = 576, 512
+MAX_Q_LEN = 8
+MAX_HEADS = 128
+DTYPES = (torch.bfloat16, torch.float16)
+# capability -> CUTE_DSL_ARCH of the kernel that runs there
+TARGETS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
+
+
+def missing_dependency() -> str:
+    """Why the kernel cannot be compiled in this process ('' when it can)."""
+    if importlib.util.find_spec("cutlass") is None:
+        return "nvidia-cutlass-dsl is not installed (pip install 'tokenspeed[blackwell]')"
+    if importlib.util.find_spec("tvm_ffi") is None:
+        return "apache-tvm-ffi is not installed (pip install apache-tvm-ffi)"
+    return ""
+
+
+def supports(sig) -> str | None:
+    """Why the CuTe kernel cannot run this signature; None when it can."""
+    q_dtype, cache_dtype = sig.dtype("q"), sig.dtype("kv_cache")
+    if q_dtype not in DTYPES:
+        return f"q dtype {q_dtype} not supported (bf16 or fp16)"
+    if cache_dtype == torch.float8_e4m3fn:
+        return "fp8 e4m3 cache is not implemented in the CuTe kernel yet"
+    if cache_dtype != q_dtype:
+        return f"kv_cache dtype {cache_dtype} must equal q dtype {q_dtype}"
+    d, dv = sig.dim("D"), sig.dim("Dv")
+    if (d, dv) != (HEAD_DIM, HEAD_DIM_V):
+        return f"head dims D={d}, Dv={dv}: only D={HEAD_DIM}, Dv={HEAD_DIM_V} (DeepSeek MLA) are compiled"
+    ps = sig.dim("PS")
+    if ps % PAGE_MULTIPLE:
+        return f"page size {ps} is not a multiple of {PAGE_MULTIPLE}"
+    q_len = sig.dim("Q")
+    if not 1 <= q_len <= MAX_Q_LEN:
+        return f"q_len {q_len} outside 1..{MAX_Q_LEN}"
+    h = sig.dim("H")
+    if not 1 <= h <= MAX_HEADS:
+        return f"{h} heads outside 1..{MAX_HEADS}"
+    return None
+
+
+# -- compilation ---------------------------------------------------------------------------------
+_compiled: dict[tuple, object] = {}
+_compile_lock = threading.Lock()
+
+
+def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
+                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V):
+    """Compile (or fetch from the in-process cache) the kernel of one shape class for ``arch``.
+
+    Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
+    the duration of the compile (unset, the DSL silently targets sm_100a).
+    """
+    key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size)
+    fn = _compiled.get(key)
+    if fn is not None:
+        return fn
+    with _compile_lock:
+        fn = _compiled.get(key)
+        if fn is None:
+            fn = _compiled[key] = _compile(*key)
+    return fn
+
+
+def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from .mla_decode_kernel import MlaDecodeSplitKV
+
+    dt = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
+    m = num_heads * q_len
+    batch, rows, table_w, splits = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def fake(dtype_, shape, align):
+        return make_fake_compact_tensor(dtype_, shape, stride_order=tuple(reversed(range(len(shape)))),
+                                        assumed_align=align)
+
+    args = (
+        fake(dt, (batch, m, head_dim), 16),  # q folded: row = qi * H + h
+        fake(dt, (rows, head_dim), 16),  # kv cache, pages flattened
+        fake(cutlass.Int32, (batch, table_w), 4),
+        fake(cutlass.Int32, (batch,), 4),
+        fake(cutlass.Float32, (batch, splits, m, head_dim_v), 16),
+        fake(cutlass.Float32, (batch, splits, m), 4),
+        fake(dt, (batch, m, head_dim_v), 16),
+        fake(cutlass.Float32, (batch, m), 4),
+        cutlass.Float32(1.0),
+        cutlass.Float32(1.0),
+        make_fake_stream(),
+    )
+    kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
+    prev = os.environ.get("CUTE_DSL_ARCH")
+    os.environ["CUTE_DSL_ARCH"] = arch
+    try:
+        return cute.compile(kernel, *args, options=f"--enable-tvm-ffi --gpu-arch {arch}")
+    finally:
+        if prev is None:
+            os.environ.pop("CUTE_DSL_ARCH", None)
+        else:
+            os.environ["CUTE_DSL_ARCH"] = prev
+
+
+def shape_classes(q_lens=range(1, MAX_Q_LEN + 1), heads=(16, 32, 64, 128), page_sizes=(64,),
+                  dtypes=DTYPES):
+    """The shape classes worth compiling ahead of time (CI compiles a subset)."""
+    for dtype in dtypes:
+        for h in heads:
+            for q_len in q_lens:
+                for ps in page_sizes:
+                    yield dtype, h, q_len, ps
+
+
+# -- launch --------------------------------------------------------------------------------------
+_num_sms: dict[int, int] = {}
+
+
+def num_splits(batch: int, m_blocks: int, max_rows: int, sms: int) -> int:
+    """KV splits per request: enough CTAs to cover every SM once (one CTA fits an SM), never more
+    splits than 64-row tiles. Depends only on static shapes, so a captured graph stays valid."""
+    tiles = max(1, -(-max_rows // PAGE_MULTIPLE))
+    return max(1, min(-(-sms // max(1, batch * m_blocks)), tiles, sms))
+
+
+def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
+               kv_scale=1.0):
+    """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``."""
+    from .mla_decode_kernel import BLOCK_M, softmax_scale_log2
+
+    batch, q_len, heads, d = q.shape
+    if batch == 0:
+        return
+    dev = q.device
+    cap = torch.cuda.get_device_capability(dev)
+    fn = compile_kernel(TARGETS[cap], q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v)
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    sms = _num_sms.get(idx)
+    if sms is None:
+        sms = _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    m = heads * q_len
+    splits = num_splits(batch, -(-m // BLOCK_M), page_table.shape[1] * kv_cache.shape[1], sms)
+    o_part = torch.empty((batch, splits, m, head_dim_v), dtype=torch.float32, device=dev)
+    lse_part = torch.empty((batch, splits, m), dtype=torch.float32, device=dev)
+    out_c = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    lse_c = lse if lse.is_contiguous() else torch.empty_like(lse, memory_format=torch.contiguous_format)
+    import cuda.bindings.driver as cuda_driver
+
+    stream = cuda_driver.CUstream(torch.cuda.current_stream(dev).cuda_stream)
+    fn(
+        q.contiguous().view(batch, m, d),
+        kv_cache.contiguous().view(-1, d),
+        page_table.contiguous(),
+        cache_seqlens.contiguous(),
+        o_part,
+        lse_part,
+        out_c.view(batch, m, head_dim_v),
+        lse_c.view(batch, m),
+        softmax_scale_log2(softmax_scale, kv_scale),
+        float(kv_scale),
+        stream,
+    )
+    if out_c is not out:
+        out.copy_(out_c)
+    if lse_c is not lse:
+        lse.copy_(lse_c)
+
+
+# -- registration --------------------------------------------------------------------------------
+SM90_STATUS = "sm_90a: mma.sync + cp.async v1 (not yet wgmma/TMA)"
+SM100_UNAVAILABLE = (
+    "sm_100a (tcgen05/TMEM) variant not written yet; the sm_90a mma.sync kernel compiles for "
+    "sm_100a in CI but has not run on Blackwell hardware"
+)
+
+
+def register(registry, backend: str, priority) -> None:
+    # No GPU needs no reason here: selection rejects non-CUDA devices and other capabilities
+    # itself, and says so in explain().
+    missing = missing_dependency()
+    registry.register(
+        OP, mla_decode, backend=backend, devices=("cuda",), capability=((9, 0), (9, 0)),
+        dtypes=DTYPES, supports=supports, priority=priority,
+        doc="CuTe DSL MLA decode, sm_90a (q_len folded into heads, split-KV + combine, LSE)",
+        status=SM90_STATUS, unavailable=missing,
+    )
+    registry.register(
+        OP, _sm100_not_available, backend=f"{backend}_sm100", devices=("cuda",),
+        capability=((10, 0), (10, 3)), dtypes=DTYPES, supports=supports, priority=priority,
+        doc="CuTe DSL MLA decode, sm_100a (tcgen05/TMEM)", status="compiled, not run on hardware",
+        unavailable=missing or SM100_UNAVAILABLE,
+    )
+
+
+def _sm100_not_available(**kwargs) -> None:  # never selected: registered as unavailable
+    raise RuntimeError(SM100_UNAVAILABLE)
+
+
+__all__ = ["compile_kernel", "mla_decode", "num_splits", "register", "shape_classes", "supports"]
