@@ -108,8 +108,9 @@ def make_inputs(case, gen, device):
     # prior cache contents: large finite values, distinct from what gets written
     prior = randn((P, ps, D), torch.float32, gen, "cpu", scale=8.0 if fp8 else 64.0)
     kv_values = randn((T, D), torch.float32, gen, "cpu", scale=kv_scale)
-    if fp8 and T:
-        kv_values[0, 0] = 1000.0 * kv_scale  # beyond e4m3's range: must be clamped, not NaN
+    if fp8 and T > pad:
+        first_written = int((slot_mapping >= 0).nonzero()[0, 0])
+        kv_values[first_written, 0] = 1000.0 * kv_scale  # beyond e4m3's range: clamped, never NaN
     return {
         "kv": kv_values.to(dtype).to(device),
         "slot_mapping": slot_mapping.to(device),

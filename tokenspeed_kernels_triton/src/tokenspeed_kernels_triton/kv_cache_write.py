@@ -29,7 +29,7 @@ def _round_to_e4m3(v):
     normal = bits.to(tl.float32, bitcast=True)
     a = tl.abs(v)
     sub = (a + 16384.0) - 16384.0  # below 2^-6 e4m3 steps by 2^-9: round to a multiple of it
-    sub = tl.where(v < 0, -sub, sub)
+    sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)  # keep -0
     return tl.where(a >= 0.015625, normal, sub)
 
 
