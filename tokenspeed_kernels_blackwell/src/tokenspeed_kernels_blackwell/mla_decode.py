@@ -94,7 +94,8 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
 
     dt = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
     m = num_heads * q_len
-    batch, rows, table_w, splits = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+    batch, table_w, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
+    rows = cute.sym_int64()  # a cache holds > 2^31 elements at 64 x 64K-token requests
 
     def fake(dtype_, shape, align):
         return make_fake_compact_tensor(dtype_, shape, stride_order=tuple(reversed(range(len(shape)))),

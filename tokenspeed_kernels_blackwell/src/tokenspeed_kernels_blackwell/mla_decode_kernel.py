@@ -303,7 +303,8 @@ class MlaDecodeSplitKV:
         rows at or past ``n`` are zero-filled instead."""
         pos0 = tile * BLOCK_N
         page = mPageTable[b, pos0 // self.page_size]
-        cache_row0 = page * self.page_size + pos0 % self.page_size
+        # 64-bit: row * D overflows int32 once the cache holds more than 2^31 elements
+        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
         gKV = cute.local_tile(mKV, (BLOCK_N, self.D), (cache_row0 // BLOCK_N, 0))
         tKVg = thr_g2s.partition_S(gKV)
         tKVs = thr_g2s.partition_D(sKV[None, None, stage])
