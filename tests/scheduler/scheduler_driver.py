@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenspeed.scheduler import CapacityError
+
 _MOD = (1 << 61) - 1
 
 
@@ -52,6 +54,7 @@ class WorkloadDriver:
         self.finished: list = []
         self.plans: list = []
         self.hits = 0
+        self.rejected = 0
 
     # -- events --
     def submit(self) -> None:
@@ -64,7 +67,11 @@ class WorkloadDriver:
             prev = self.live[rng.choice(list(self.live))].tokens
             prompt = prev[: self.max_prompt] + [rng.randrange(self.vocab) for _ in range(rng.randrange(1, 10))]
         stop = [rng.randrange(self.vocab)] if rng.random() < 0.5 else []
-        rid = self.sched.submit(prompt, rng.randrange(1, self.max_new), stop)
+        try:
+            rid = self.sched.submit(prompt, rng.randrange(1, self.max_new), stop)
+        except CapacityError:  # could never fit this pool: rejected up front, nothing changes
+            self.rejected += 1
+            return
         self.live[rid] = EngineRequest(list(prompt))
 
     def abort(self) -> None:
