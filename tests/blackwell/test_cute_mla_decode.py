@@ -1,0 +1,122 @@
+"""CuTe DSL mla_decode: registration without a GPU, and compilation for both targets on CPU.
+
+CI installs the DSL for these (the rest of the suite does not need it):
+    pip install nvidia-cutlass-dsl==4.8.1 apache-tvm-ffi==0.1.15.post2
+Without it, the compile tests skip and the registration tests still run.
+Each compile runs in a subprocess with CUTE_DSL_ARCH set explicitly (the DSL reads it once per
+process; unset, it silently targets sm_100a) and also passes --gpu-arch; the test then checks the
+target line of the PTX that the compile dumped, so a wrong-target build cannot pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tokenspeed_core
+from tokenspeed_core import Priority
+from tokenspeed_kernels_blackwell import mla_decode as cute_mla
+from tokenspeed_kernels_blackwell import plugin
+
+PKG_SRC = os.path.join(os.path.dirname(__file__), "..", "..", "tokenspeed_kernels_blackwell", "src")
+
+
+def _registry():
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    with reg.registering_as("cute"):
+        plugin.tokenspeed_register_kernels(registry=reg)
+    return reg
+
+
+def _sig(reg, **case):
+    spec = reg.spec("mla_decode")
+    base = dict(B=2, q_len=1, H=16, page_size=64, seqlens=[70, 3], dtype=torch.bfloat16)
+    args = spec.make_inputs({**base, **case}, torch.Generator().manual_seed(0), "cpu")
+    call = spec.bind(args)
+    return spec.signature(call, (9, 0))
+
+
+def test_registration_without_gpu():
+    reg = _registry()
+    impls = {i.backend: i for i in reg.implementations("mla_decode")}
+    sm90, sm100 = impls["cute"], impls["cute_sm100"]
+    assert sm90.priority == Priority.SPECIALISED and sm90.capability == ((9, 0), (9, 0))
+    assert sm90.unavailable == cute_mla.missing_dependency()
+    assert sm100.unavailable and "compiled, not run on hardware" in sm100.status
+    # on this CPU the reference is selected, and the cute entries say why they are not
+    text = reg.explain("mla_decode", **reg.spec("mla_decode").make_inputs(
+        dict(B=1, q_len=1, H=16, page_size=64, seqlens=[5], dtype=torch.bfloat16),
+        torch.Generator().manual_seed(0), "cpu"))
+    assert "cute" in text and "device cpu not in" in text
+
+
+@pytest.mark.parametrize("case, needle", [
+    (dict(), None),
+    (dict(q_len=8, H=32, page_size=128), None),
+    (dict(dtype=torch.float32), "q dtype"),
+    (dict(cache_dtype=torch.float8_e4m3fn), "fp8"),
+    (dict(page_size=32), "page size 32"),
+    (dict(page_size=96), "page size 96"),
+    (dict(D=128, Dv=64), "head dims"),
+    (dict(q_len=9, seqlens=[70, 9]), "q_len 9"),
+    (dict(H=256), "256 heads"),
+])
+def test_supports_explains_every_rejection(case, needle):
+    reason = cute_mla.supports(_sig(_registry(), **case))
+    if needle is None:
+        assert reason is None
+    else:
+        assert reason and needle in reason, reason
+
+
+def test_num_splits_is_static_and_bounded():
+    assert cute_mla.num_splits(1, 1, 64 * 1024, 132) == 132  # one request spread over all SMs
+    assert cute_mla.num_splits(1, 1, 64 * 3, 132) == 3  # never more splits than tiles
+    assert cute_mla.num_splits(128, 1, 65536, 132) == 2
+    assert cute_mla.num_splits(256, 2, 65536, 132) == 1
+
+
+# -- compilation without a GPU -------------------------------------------------------------------
+# every (q_len, heads) the registry accepts at page size 64 compiles to the same kernel family;
+# CI compiles one representative per M-block count and per dtype, both page sizes, both targets
+SHAPES = [
+    ("bfloat16", 16, 1, 64), ("bfloat16", 16, 4, 64), ("bfloat16", 32, 8, 128),
+    ("bfloat16", 128, 1, 64), ("float16", 16, 2, 64), ("bfloat16", 1, 3, 256),
+]
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, torch
+    from tokenspeed_kernels_blackwell.mla_decode import compile_kernel
+    arch = os.environ["CUTE_DSL_ARCH"]
+    out = []
+    for dtype, h, q, ps in json.loads(sys.argv[1]):
+        t = time.time()
+        compile_kernel(arch, getattr(torch, dtype), h, q, ps)
+        out.append(round(time.time() - t, 2))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+def test_compiles_for_target(arch, tmp_path):
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+    env = dict(os.environ, CUTE_DSL_ARCH=arch, CUTE_DSL_KEEP="ptx",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(PKG_SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(SHAPES)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = glob.glob(str(tmp_path / "*.ptx"))
+    assert len(ptx) == len(SHAPES), sorted(os.path.basename(p)[-40:] for p in ptx)
+    for p in ptx:
+        text = open(p).read()
+        assert f".target {arch}" in text, p
+        assert text.count("mma.sync.aligned.m16n8k16") > 0, "tensor-core MMA missing"
+
