@@ -17,7 +17,7 @@ PACKAGES = (".", "./tokenspeed_kernels_triton", "./tokenspeed_kernels_blackwell"
 
 def _install(session: nox.Session, dev: bool = True) -> None:
     session.install(TORCH)
-    session.install("setuptools>=70", "wheel", "cffi>=1.16")
+    session.install("setuptools>=77", "wheel", "cffi>=1.16")
     args = ["--no-build-isolation", "-e", ".[dev]" if dev else "."]
     for pkg in PACKAGES[1:]:
         args += ["-e", pkg]
@@ -48,6 +48,6 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def wheels(session: nox.Session) -> None:
     """Wheels of all three distributions into dist/."""
-    session.install("setuptools>=70", "wheel", "cffi>=1.16", "build")
+    session.install("setuptools>=77", "wheel", "cffi>=1.16", "build")
     for pkg in PACKAGES:
         session.run("python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", pkg)

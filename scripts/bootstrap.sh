@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --disable-pip-version-check --upgrade pip
 pip install -q --disable-pip-version-check "${TOKENSPEED_TORCH:-torch==2.13.0}"
-pip install -q --disable-pip-version-check "setuptools>=70" wheel "cffi>=1.16"
+pip install -q --disable-pip-version-check "setuptools>=77" wheel "cffi>=1.16"
 # Our three distributions, editable, with their real dependencies and the dev tools.
 pip install -q --disable-pip-version-check --no-build-isolation \
     -e ".[dev]" -e ./tokenspeed_kernels_triton -e ./tokenspeed_kernels_blackwell

@@ -18,7 +18,7 @@ def write_plugin(root: Path, name: str, module_code: str, entry: str | None = No
     (d / pkg).mkdir(parents=True)
     (d / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
-        requires = ["setuptools>=70"]
+        requires = ["setuptools>=77"]
         build-backend = "setuptools.build_meta"
         [project]
         name = "tokenspeed-test-{name}"
