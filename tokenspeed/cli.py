@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             task = progress.add_task(op, total=None)
             rows = run_bench(op, cases, registry=reg, device=device, ceilings=ceilings, backends=backends,
                              iters=args.iters, cuda_graph=args.graph,
-                             progress=lambda msg: progress.update(task, description=msg, advance=1))
+                             progress=lambda msg, task=task: progress.update(task, description=msg, advance=1))
         all_rows += rows
     _print_bench(all_rows, ceilings)
     if args.json:
@@ -196,7 +196,8 @@ def _add_sim(sub) -> None:
     try:
         from tokenspeed.sim import cli as sim_cli
     except ImportError as exc:  # the scheduler extension is not built
-        p.set_defaults(func=lambda a: _fail(f"tokenspeed sim is unavailable: {exc}"))
+        reason = f"tokenspeed sim is unavailable: {exc}"
+        p.set_defaults(func=lambda a: _fail(reason))
         return
     sim_cli.add_arguments(p)
     p.set_defaults(func=sim_cli.run)

@@ -13,7 +13,7 @@ import threading
 
 from ._errors import ArgumentError, KernelSelectionError, PluginError, TokenSpeedError
 from ._hooks import ENTRY_POINT_GROUP, KernelHookSpecs, hookimpl, hookspec, load_plugins
-from ._registry import KernelImpl, Priority, Registry, format_explain, forced_backend, use_backend
+from ._registry import KernelImpl, Priority, Registry, forced_backend, format_explain, use_backend
 from ._spec import BoundCall, Cost, OpSpec, ScalarParam, Signature, TensorRole
 
 __version__ = "0.1.0"

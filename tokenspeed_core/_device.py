@@ -7,7 +7,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capability(device: torch.device | str) -> tuple[int, int] | None:
     """(major, minor) compute capability of a CUDA device, None elsewhere."""
     device = torch.device(device)
@@ -16,7 +16,7 @@ def capability(device: torch.device | str) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

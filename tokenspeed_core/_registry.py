@@ -100,8 +100,8 @@ class FailedPlugin:
     error: str
 
 
-_overrides: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "tokenspeed_overrides", default={}
+_overrides: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "tokenspeed_overrides", default=None
 )
 
 
@@ -112,7 +112,7 @@ def env_override(op: str) -> str | None:
 @contextlib.contextmanager
 def use_backend(**ops: str) -> Iterator[None]:
     """Force backends for this block: ``with use_backend(mla_decode="triton"): ...``."""
-    token = _overrides.set({**_overrides.get(), **ops})
+    token = _overrides.set({**(_overrides.get() or {}), **ops})
     try:
         yield
     finally:
@@ -121,7 +121,7 @@ def use_backend(**ops: str) -> Iterator[None]:
 
 def forced_backend(op: str) -> tuple[str | None, str]:
     """The backend forced for ``op`` and by what, context manager first."""
-    ctx = _overrides.get().get(op)
+    ctx = (_overrides.get() or {}).get(op)
     if ctx:
         return ctx, "use_backend()"
     env = env_override(op)

@@ -240,7 +240,7 @@ class OpSpec:
                 op, role.name,
                 f"expected {len(role.shape)} dims {_shape_text(role.shape)}, got shape {tuple(t.shape)}",
             )
-        for i, (sym, size) in enumerate(zip(role.shape, t.shape)):
+        for i, (sym, size) in enumerate(zip(role.shape, t.shape, strict=True)):
             if isinstance(sym, int):
                 if size != sym:
                     raise ArgumentError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from plugin_packages import REPO, pip_install_target, run_with, write_plugin
 
 REFERENCE_WRAPPER = """

@@ -65,7 +65,7 @@ def build_paged_cache(
     cache = torch.randn((num_pages, page_size, *row_shape), generator=gen) * (scale * garbage)
     table = torch.empty((len(seqlens), max_pages), dtype=torch.int64)
     nxt = 0
-    for b, (s, n) in enumerate(zip(seqlens, pages_per)):
+    for b, (s, n) in enumerate(zip(seqlens, pages_per, strict=True)):
         own = perm[nxt : nxt + n]
         nxt += n
         # padding entries point at spare (garbage) pages: valid ids, never meant to be read

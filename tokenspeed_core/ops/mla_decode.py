@@ -23,7 +23,14 @@ import math
 import torch
 
 from .._spec import BoundCall, Cost, OpSpec, ScalarParam, TensorRole
-from ._common import ATTENTION_TOL, build_paged_cache, gather_paged_rows, nbytes, ragged_lengths, randn
+from ._common import (
+    ATTENTION_TOL,
+    build_paged_cache,
+    gather_paged_rows,
+    nbytes,
+    ragged_lengths,
+    randn,
+)
 
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
