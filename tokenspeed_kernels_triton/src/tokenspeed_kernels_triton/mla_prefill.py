@@ -37,6 +37,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    prefetch_qk: bool = False  # issue the next tile's q.k before this tile's softmax
 
 
 # Hopper, Dqk 192 / Dv 128, 16-bit: Q tile 48 KB + 3 stages x (K 24 KB + V 16 KB) = 168 KB smem
@@ -71,13 +72,11 @@ def pad_dim(d: int) -> int:
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, start_n, offs_n, offs_da,
-                 offs_db, offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-                 DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                 DV_PAD: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """One BLOCK_N tile of keys: scores, online-softmax update, accumulate P @ V."""
-    cols = start_n + offs_n
-    col_ok = cols < kv_len
+def _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n, offs_n, offs_da, offs_db, col_limit, stride_kt,
+            DQK: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """q . k for one BLOCK_N tile of keys (unscaled); MASKED: keys at or past col_limit read as 0."""
+    col_ok = (start_n + offs_n) < col_limit
     # K^T tile(s): [DA, BLOCK_N] (+ [DB, BLOCK_N]); masks only where a tile or a dim needs them
     if MASKED:
         kta = tl.load(kta_ptrs + start_n * stride_kt, mask=col_ok[None, :] & (offs_da[:, None] < DQK),
@@ -98,6 +97,16 @@ def _attend_tile(acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, start_n, off
         if UPCAST:
             ktb = ktb.to(tl.float32)
         s = tl.dot(qb, ktb, s)
+    return s
+
+
+@triton.jit
+def _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos, kv_len, qk_scale_log2,
+                stride_vt, DV: tl.constexpr, DV_PAD: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Online-softmax update with one tile of scores, then accumulate P @ V."""
+    cols = start_n + offs_n
+    col_ok = cols < kv_len
     s = s * qk_scale_log2
     if MASKED:
         visible = (cols[None, :] <= q_pos[:, None]) & col_ok[None, :]
@@ -126,13 +135,24 @@ def _attend_range(acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, n_lo, n_hi,
                   offs_db, offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
                   DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                   DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """Key tiles [n_lo, n_hi) in steps of BLOCK_N."""
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, start_n, offs_n, offs_da, offs_db,
-            offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-            DQK, DV, DA, DB, DV_PAD, MASKED, UPCAST)
+                  UPCAST: tl.constexpr, PREFETCH_QK: tl.constexpr):
+    """Key tiles [n_lo, n_hi) in steps of BLOCK_N. PREFETCH_QK (unmasked tiles only) issues the
+    next tile's q . k before this tile's softmax, so the tensor cores run while exp2 does."""
+    if PREFETCH_QK:
+        s = _scores(qa, qb, kta_ptrs, ktb_ptrs, n_lo, offs_n, offs_da, offs_db, n_hi, stride_kt,
+                    DQK, DA, DB, True, UPCAST)
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s_next = _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n + BLOCK_N, offs_n, offs_da, offs_db,
+                             n_hi, stride_kt, DQK, DA, DB, True, UPCAST)
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos,
+                                        kv_len, qk_scale_log2, stride_vt, DV, DV_PAD, False, UPCAST)
+            s = s_next
+    else:
+        for start_n in range(n_lo, n_hi, BLOCK_N):
+            s = _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n, offs_n, offs_da, offs_db, kv_len,
+                        stride_kt, DQK, DA, DB, MASKED, UPCAST)
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos,
+                                        kv_len, qk_scale_log2, stride_vt, DV, DV_PAD, MASKED, UPCAST)
     return acc, m_i, l_i
 
 
@@ -145,6 +165,7 @@ def mla_prefill_fwd_kernel(
     stride_ot, stride_oh, stride_lt, stride_lh,
     DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PREFETCH_QK: tl.constexpr,
 ):
     pid = num_q_programs - 1 - tl.program_id(0)  # latest (heaviest) query blocks first
     head = tl.program_id(1)
@@ -201,13 +222,13 @@ def mla_prefill_fwd_kernel(
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, 0, n_full, offs_n, offs_da, offs_db,
         offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-        DQK, DV, DA, DB, DV_PAD, BLOCK_N, False, UPCAST)
+        DQK, DV, DA, DB, DV_PAD, BLOCK_N, False, UPCAST, PREFETCH_QK)
     # tiles across the diagonal, up to the last row's last key
     n_end = tl.minimum(kv_len, prefix + (m_block + 1) * BLOCK_M)
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, n_full, n_end, offs_n, offs_da, offs_db,
         offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-        DQK, DV, DA, DB, DV_PAD, BLOCK_N, True, UPCAST)
+        DQK, DV, DA, DB, DV_PAD, BLOCK_N, True, UPCAST, False)
 
     acc = acc / l_i[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -244,6 +265,7 @@ def launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse, softmax_scale, config
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         DQK=Dqk, DV=Dv, DA=da, DB=db, DV_PAD=pad_dim(Dv),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_interpreting(),
+        PREFETCH_QK=cfg.prefetch_qk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -284,7 +306,8 @@ def compile_targets() -> list[tuple]:
                                         "stride_vh", "stride_ot", "stride_oh", "stride_lt", "stride_lh")},
         }
         constexprs = dict(DQK=dqk, DV=dv, DA=da, DB=db, DV_PAD=pad_dim(dv), BLOCK_M=cfg.block_m,
-                          BLOCK_N=cfg.block_n, UPCAST=False)
+                          BLOCK_N=cfg.block_n, UPCAST=False,
+                          PREFETCH_QK=cfg.prefetch_qk)
         for name, value in constexprs.items():
             sig[name] = "constexpr"
         targets.append((mla_prefill_fwd_kernel, sig, constexprs))
