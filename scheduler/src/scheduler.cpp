@@ -215,6 +215,9 @@ void Scheduler::schedule_prefills(int32_t& budget) {
 void Scheduler::admit_waiting(int32_t& budget) {
   const int32_t ps = config_.page_size;
   while (!waiting_.empty() && num_scheduled_ < config_.max_batch_size && budget > 0 && !free_rows_.empty()) {
+    // Nothing free and nothing evictable: the head is blocked whatever it matches. Checking this
+    // first keeps a blocked queue at O(1) per step (no hashing of the head's prompt).
+    if (pool_.available() == 0) break;
     const int32_t slot = waiting_.front();
     Waiting& w = std::get<Waiting>(slots_[slot].state);
     const auto& tokens = w.core().tokens;

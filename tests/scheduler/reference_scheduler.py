@@ -267,6 +267,8 @@ class ReferenceScheduler:
                 self._emit(r, chunk, 0, chunk == remaining, plan)
                 budget -= chunk
             while self.waiting and n() < cfg.max_batch_size and budget > 0 and self.free_rows:  # 3. admit
+                if self.pool.available() == 0:  # blocked whatever it matches
+                    break
                 rid = self.waiting[0]
                 r = self.requests[rid]
                 total = len(r.tokens)
