@@ -1,0 +1,359 @@
+"""One GPU session for the Triton ``mla_decode``: ceilings, correctness, config sweep, presets.
+
+    PYTHONUNBUFFERED=1 python bench/gpu_mla_decode.py --out $OUT [--check full] [--sweep]
+        [--presets anchor,spec,fp8] [--workers 8]
+
+1. ceilings measured in this run: device-to-device copy (bytes read + written) and bf16 GEMM
+   8192^3 through torch.matmul;
+2. correctness over the spec's "full" grid (fresh random inputs, outputs poisoned with NaN,
+   reference in float64 on the GPU), split over worker processes so Triton compiles in parallel;
+3. optional sweep of stage-1 tile configs on a few representative shapes;
+4. the benchmark presets (anchor rows = FlashMLA/SGLang table shapes), timed with
+   ``triton.testing.do_bench`` (median, L2 flushed), each row spot-checked against the reference
+   on its first and last request. Same method as /work/shared/anchors/mla-decode-*.md.
+
+A compact table is printed last; everything goes to ``$OUT/mla_decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_triton", "src")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from tokenspeed_core.ops import mla_decode as SPEC_MOD  # noqa: E402
+from tokenspeed_kernels_triton import mla_decode as TK  # noqa: E402
+
+SPEC = SPEC_MOD.SPEC
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def do_bench(fn, rep=200):
+    if DEV == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def log(*a):
+    print(*a, flush=True)
+
+
+def ceilings() -> dict:
+    n = (1 << 30) if DEV == "cuda" else (1 << 24)  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), rep=300)
+    copy_gbs = 2 * n / ms / 1e6
+    del src, dst
+    k = 8192 if DEV == "cuda" else 512
+    a = torch.randn(k, k, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(k, k, device=DEV, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, rep=300)
+    gemm = 2 * k**3 / ms / 1e9
+    return {"copy_GBps": copy_gbs, "gemm_bf16_TFLOPs": gemm}
+
+
+def reference64(inp: dict, B_sel=None):
+    """float64 reference on the GPU (optionally for a subset of requests)."""
+    q, cache, table, lens = inp["q"], inp["kv_cache"], inp["page_table"], inp["cache_seqlens"]
+    if B_sel is not None:
+        q, table, lens = q[B_sel], table[B_sel], lens[B_sel]
+    B, Q, H, _ = q.shape
+    dv = inp["head_dim_v"]
+    out = torch.empty((B, Q, H, dv), dtype=torch.float64, device=q.device)
+    lse = torch.empty((B, Q, H), dtype=torch.float64, device=q.device)
+    SPEC.reference(q.double(), cache.double(), table, lens, out, lse, inp["softmax_scale"],
+                   head_dim_v=dv, kv_scale=inp["kv_scale"])
+    return out, lse
+
+
+def compare(out, lse, ref_out, ref_lse, dtype) -> tuple[bool, str]:
+    atol, rtol = SPEC.tolerance(dtype)
+    msgs = []
+    ok = True
+    for name, got, ref in (("out", out, ref_out), ("lse", lse, ref_lse)):
+        g = got.double()
+        if not torch.isfinite(g).all():
+            ok = False
+            msgs.append(f"{name}: {int((~torch.isfinite(g)).sum())} non-finite (unwritten?)")
+            continue
+        err = (g - ref).abs()
+        bad = err > atol + rtol * ref.abs()
+        rel = (err.norm() / ref.norm().clamp_min(1e-30)).item()
+        if bad.any():
+            ok = False
+            msgs.append(f"{name}: {int(bad.sum())} elems out of tol, max err {err.max().item():.3g}")
+        else:
+            msgs.append(f"{name} rel {rel:.2e}")
+    return ok, "; ".join(msgs)
+
+
+def run_triton(inp, out, lse, config=None, num_splits=None):
+    TK.mla_decode_triton(inp["q"], inp["kv_cache"], inp["page_table"], inp["cache_seqlens"], out, lse,
+                         inp["softmax_scale"], head_dim_v=inp["head_dim_v"], kv_scale=inp["kv_scale"],
+                         config=config, num_splits=num_splits)
+
+
+# -- correctness over the full grid (worker processes) ----------------------------------------
+def _check_cases(args) -> list[dict]:
+    idxs, size = args
+    import tokenspeed_core
+    from tokenspeed_kernels_triton import plugin
+
+    # register this module by hand (other op modules of the package are not under test here)
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    with reg.registering_as("triton"):
+        TK.register(reg, plugin.common())
+    cases = SPEC.grid(size)
+    res = []
+    for i in idxs:
+        case = cases[i]
+        label = SPEC.label(case)
+        try:
+            gen = torch.Generator().manual_seed(1000 + i)
+            inp = SPEC.make_inputs(case, gen, torch.device(DEV))
+            B, Q, H, _ = inp["q"].shape
+            out = torch.full((B, Q, H, inp["head_dim_v"]), float("nan"), dtype=inp["q"].dtype, device=DEV)
+            lse = torch.full((B, Q, H), float("nan"), dtype=torch.float32, device=DEV)
+            with tokenspeed_core.use_backend(mla_decode="triton"):
+                reg.call("mla_decode", **inp, out=out, lse=lse)
+            sync()
+            ref_out, ref_lse = reference64(inp)
+            ok, msg = compare(out, lse, ref_out, ref_lse, inp["q"].dtype)
+            # the same case with a forced split count, to cover the combine path everywhere
+            out2 = torch.full_like(out, float("nan"))
+            lse2 = torch.full_like(lse, float("nan"))
+            run_triton(inp, out2, lse2, num_splits=5)
+            ok2, msg2 = compare(out2, lse2, ref_out, ref_lse, inp["q"].dtype)
+            res.append({"case": label, "ok": ok and ok2, "msg": msg + " | splits=5: " + msg2})
+        except Exception as exc:  # report, do not stop the grid
+            res.append({"case": label, "ok": False, "msg": f"{type(exc).__name__}: {exc}"[:400]})
+    return res
+
+
+def check_grid(size: str, workers: int) -> list[dict]:
+    n = len(SPEC.grid(size))
+    chunks = [(list(range(w, n, workers)), size) for w in range(workers)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        parts = pool.map(_check_cases, chunks)
+    return [r for p in parts for r in p]
+
+
+# -- benchmark inputs built on the GPU (the spec's CPU generator is too slow at 64K x 128) ------
+def gpu_inputs(case: dict, seed: int = 0) -> dict:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    B, Q, H, ps = case["B"], case.get("q_len", 1), case["H"], case["page_size"]
+    s = case["seqlen"]
+    dtype = case["dtype"]
+    cdt = case.get("cache_dtype", dtype)
+    pages = math.ceil(s / ps)
+    P = B * pages + 3
+    if cdt == torch.float8_e4m3fn:
+        kv_scale = 0.05
+        cache = (torch.randn((P, ps, 576), generator=g, device=DEV) / kv_scale).to(cdt)
+    else:
+        kv_scale = 1.0
+        cache = torch.randn((P, ps, 576), generator=g, device=DEV, dtype=cdt)
+    perm = torch.randperm(P, generator=g, device=DEV).to(torch.int32)
+    table = perm[: B * pages].reshape(B, pages).contiguous()
+    return {
+        "q": torch.randn((B, Q, H, 576), generator=g, device=DEV, dtype=dtype),
+        "kv_cache": cache, "page_table": table,
+        "cache_seqlens": torch.full((B,), s, dtype=torch.int32, device=DEV),
+        "softmax_scale": 1.0 / math.sqrt(192), "head_dim_v": 512, "kv_scale": kv_scale,
+    }
+
+
+def bench_case(case: dict, config=None, spot_check=True) -> dict:
+    inp = gpu_inputs(case)
+    B, Q, H, _ = inp["q"].shape
+    out = torch.full((B, Q, H, 512), float("nan"), dtype=inp["q"].dtype, device=DEV)
+    lse = torch.full((B, Q, H), float("nan"), dtype=torch.float32, device=DEV)
+    fn = lambda: run_triton(inp, out, lse, config=config)  # noqa: E731
+    fn()
+    sync()
+    row = {}
+    if spot_check:
+        sel = torch.tensor(sorted({0, B - 1}), device=DEV)
+        ref_out, ref_lse = reference64(inp, sel)
+        ok, msg = compare(out[sel], lse[sel], ref_out, ref_lse, inp["q"].dtype)
+        row.update(ok=ok, check=msg)
+    ms = do_bench(fn)
+    s = case["seqlen"]
+    row_bytes = 576 * inp["kv_cache"].element_size()
+    nbytes = B * s * row_bytes + inp["q"].numel() * inp["q"].element_size() + out.numel() * out.element_size()
+    flops = 2.0 * B * Q * H * s * (576 + 512)
+    cfg = config or TK.pick_config(Q * H, inp["q"].dtype, inp["kv_cache"].dtype)
+    rows = Q * H
+    mb = math.ceil(rows / cfg.block_m) * (2 if cfg.dv_halves else 1)
+    splits = TK.plan_splits(B, mb, inp["page_table"].shape[1] * inp["kv_cache"].shape[1], cfg.block_n,
+                            TK._sm_count(torch.device(DEV)), rows=rows, dv=512, row_bytes=row_bytes)
+    row.update(us=ms * 1e3, GBps=nbytes / ms / 1e6, TFLOPs=flops / ms / 1e9, config=cfg.describe(),
+               splits=splits)
+    del inp, out, lse
+    return row
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke run)"
+
+
+def load_anchors() -> dict:
+    name = device_name()
+    fname = "mla-decode-h200.md" if "H200" in name else "mla-decode-h100.md"
+    for base in (os.path.join(ROOT, "shared", "anchors"), "/work/shared/anchors"):
+        path = os.path.join(base, fname)
+        if os.path.exists(path):
+            break
+    else:
+        return {}
+    table = {}
+    for line in open(path):
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) == 10 and parts[0].isdigit():
+            b, s, h, ql = map(int, parts[:4])
+            table[(b, s, h, ql)] = {"flashmla_us": float(parts[4]), "sglang_us": float(parts[7])}
+    return table
+
+
+SWEEP = {
+    # class -> candidate configs; the shapes each class is timed on
+    16: [TK.Config(16, 32, 8, 2), TK.Config(16, 64, 8, 2), TK.Config(16, 32, 4, 3), TK.Config(16, 32, 8, 3),
+         TK.Config(16, 64, 4, 2)],
+    64: [TK.Config(64, 32, 8, 2), TK.Config(64, 16, 8, 3), TK.Config(64, 32, 4, 2, True),
+         TK.Config(64, 32, 8, 2, True), TK.Config(64, 64, 8, 2, True)],
+}
+SWEEP_SHAPES = {
+    16: [dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
+         dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16,
+              cache_dtype=torch.float8_e4m3fn)],
+    64: [dict(B=16, q_len=4, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
+         dict(B=64, q_len=1, H=128, page_size=64, seqlen=16384, dtype=torch.bfloat16)],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--check", default="full", help="grid size to check, or 'none'")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--presets", default="anchor,spec,fp8")
+    ap.add_argument("--sweep-only", default="", help="comma list of sweep classes to run (default all)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    result = {"device": device_name(), "torch": torch.__version__}
+    import triton
+
+    result["triton"] = triton.__version__
+    result["sm_count"] = TK._sm_count(torch.device(DEV))
+    jpath = os.path.join(args.out, "mla_decode.json")
+
+    def save():
+        with open(jpath, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    t0 = time.time()
+    if args.check != "none":
+        res = check_grid(args.check, args.workers)
+        result["check"] = res
+        bad = [r for r in res if not r["ok"]]
+        log(f"[check] {args.check}: {len(res) - len(bad)}/{len(res)} passed in {time.time() - t0:.0f}s")
+        for r in bad:
+            log("  FAIL", r["case"], r["msg"])
+        save()
+    ceil = ceilings()
+    result["ceilings"] = ceil
+    log(f"[ceilings] {result['device']}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['gemm_bf16_TFLOPs']:.0f} TFLOP/s")
+    save()
+
+    if args.sweep:
+        result["sweep"] = []
+        for cls, cfgs in SWEEP.items():
+            if args.sweep_only and str(cls) not in args.sweep_only.split(","):
+                continue
+            for shape in SWEEP_SHAPES[cls]:
+                if DEV == "cpu":
+                    shape = dict(shape, B=1, seqlen=40)
+                for cfg in cfgs:
+                    try:
+                        r = bench_case(shape, config=cfg)
+                    except Exception as exc:
+                        r = {"error": f"{type(exc).__name__}: {exc}"[:300], "config": cfg.describe()}
+                    r["case"] = SPEC.label(shape)
+                    result["sweep"].append(r)
+                    log(f"[sweep] {r['case']:<48} {r.get('config')} "
+                        + (f"{r['us']:9.1f} us {r['GBps']:6.0f} GB/s {r['TFLOPs']:5.0f} TF ok={r['ok']}"
+                           if "us" in r else r["error"]))
+                    save()
+
+    anchors = load_anchors()
+    rows = []
+    seen = set()
+    for preset in [p for p in args.presets.split(",") if p]:
+        for case in SPEC.presets[preset]:
+            key = SPEC.label(case)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                r = bench_case(case)
+            except Exception as exc:
+                r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                traceback.print_exc()
+            r.update(preset=preset, case=key, B=case["B"], s=case["seqlen"], H=case["H"], q_len=case["q_len"],
+                     fp8=case.get("cache_dtype") is not None)
+            if "us" in r:
+                r["pct_copy"] = 100 * r["GBps"] / ceil["copy_GBps"]
+                r["pct_gemm"] = 100 * r["TFLOPs"] / ceil["gemm_bf16_TFLOPs"]
+                a = anchors.get((case["B"], case["seqlen"], case["H"], case["q_len"]))
+                if a and not r["fp8"]:
+                    r["x_flashmla"] = r["us"] / a["flashmla_us"]
+                    r["x_sglang"] = r["us"] / a["sglang_us"]
+            rows.append(r)
+            result["rows"] = rows
+            save()
+    # q_len 4 over q_len 1 at the same shape
+    by = {(r["B"], r["s"], r["H"], r["q_len"], r["fp8"]): r for r in rows if "us" in r}
+    for r in rows:
+        one = by.get((r["B"], r["s"], r["H"], 1, r["fp8"]))
+        if "us" in r and r["q_len"] > 1 and one:
+            r["x_qlen1"] = r["us"] / one["us"]
+    save()
+    log(f"\n{result['device']} | copy {ceil['copy_GBps']:.0f} GB/s | GEMM {ceil['gemm_bf16_TFLOPs']:.0f} TFLOP/s | "
+        f"triton {result['triton']} | {time.time() - t0:.0f}s")
+    log(f"{'case':<44}{'cfg':<18}{'spl':>4}{'us':>9}{'%copy':>7}{'%gemm':>7}{'xFMLA':>7}{'xSGL':>6}{'xq1':>6} ok")
+    for r in rows:
+        if "us" not in r:
+            log(f"{r['case']:<44} ERROR {r.get('error')}")
+            continue
+        f = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        log(f"{r['case'][:43]:<44}{r['config']:<18}{r['splits']:>4}{r['us']:>9.1f}{r['pct_copy']:>7.1f}"
+            f"{r['pct_gemm']:>7.1f}{f('x_flashmla'):>7}{f('x_sglang'):>6}{f('x_qlen1'):>6} {r.get('ok')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``mla_decode`` in Triton: split-KV with query-axis folding, and a log-sum-exp combine.
+
+The kernels live in ``_mla_decode_kernels.py`` (imported on first call, so registering never needs
+triton or a GPU). This module holds what the host decides:
+
+- ``pick_config``: the tile shape for a call's static dims (folded rows q_len x H, dtypes);
+- ``plan_splits``: how many KV splits per request. It depends on the batch size, the page-table
+  width (an upper bound of the lengths), the static dims and the SM count only, never on
+  ``cache_seqlens`` values: no host sync, and a CUDA graph captured once stays valid;
+- ``mla_decode_triton``: the registered implementation (destination passing);
+- ``compile_targets``: kernel specs that CI compiles for sm_90 and sm_100 without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+OP = "mla_decode"
+SUPPORTED_Q = (torch.bfloat16, torch.float16, torch.float32)
+MAX_SPLITS = 256
+MAX_BLOCK_M = 64  # folded query rows per program: a 64 x 512 fp32 accumulator is 128 regs/thread at 8 warps
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile shape and launch parameters of stage 1."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    dv_halves: bool = False  # two programs per row block, each owning half of the latent output
+
+    def describe(self) -> str:
+        h = "/dv2" if self.dv_halves else ""
+        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}{h}"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pick_config(rows: int, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> Config:
+    """Tiles for ``rows`` = q_len x H folded query rows (see docs/perf/triton-mla-decode.md)."""
+    block_m = min(MAX_BLOCK_M, max(16, _pow2(rows)))
+    if q_dtype == torch.float32:  # CPU tests and odd callers: correctness, not speed
+        return Config(block_m, 32, 4, 1)
+    if block_m == 16:
+        return Config(16, 64, 4, 2)
+    if block_m == 32:
+        return Config(32, 64, 4, 2)
+    return Config(64, 32, 8, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few pretend SMs, so planning logic is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(batch: int, m_blocks: int, max_rows: int, block_n: int, sm_count: int, *,
+                rows: int = 16, dv: int = 512, row_bytes: int = 1152) -> int:
+    """KV splits per request, from shapes only (graph-capturable).
+
+    Cost model in units of one KV tile streamed by every SM: programs run in waves of
+    ``sm_count``; a wave costs its longest split (``ceil(tiles / splits)``) plus a fixed
+    per-program overhead (query load, pipeline fill, epilogue). More than one split adds a launch
+    and the fp32 partial results written and read back by the combine pass. ``max_rows``
+    (page-table width x page size) stands in for the lengths, which the host must not read.
+    ``rows`` = q_len x H folded query rows, ``row_bytes`` = bytes of one cache row.
+    """
+    if batch == 0 or max_rows <= 0:
+        return 1
+    tiles = math.ceil(max_rows / block_n)
+    base = batch * m_blocks
+    wave_bytes = sm_count * block_n * row_bytes  # bytes one tile-wave moves
+    best, best_cost = 1, None
+    for splits in range(1, min(tiles, MAX_SPLITS) + 1):
+        waves = math.ceil(base * splits / sm_count)
+        cost = waves * (math.ceil(tiles / splits) + 2.0)
+        if splits > 1:
+            cost += 1.0 + batch * rows * splits * dv * 8 / wave_bytes
+        if best_cost is None or cost < best_cost * 0.98:
+            best, best_cost = splits, cost
+    return best
+
+
+def _supports(sig) -> str | None:
+    d, dv = sig.dim("D"), sig.dim("Dv")
+    dr = d - dv
+    if dv & (dv - 1) or not 16 <= dv <= 512:
+        return f"latent width Dv={dv} must be a power of two in [16, 512]"
+    if dr & (dr - 1) or not 16 <= dr <= 256:
+        return f"rope width D-Dv={dr} must be a power of two in [16, 256]"
+    if sig.dtype("q") not in SUPPORTED_Q:
+        return f"q dtype {sig.dtype('q')} not supported"
+    if sig.dtype("kv_cache") == torch.float8_e4m3fn and sig.device == "cuda" and sig.capability \
+            and sig.capability < (8, 9):
+        return "an fp8 e4m3 cache needs sm_89 or newer"
+    return None
+
+
+def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale,
+                      head_dim_v=512, kv_scale=1.0, *, config: Config | None = None,
+                      num_splits: int | None = None) -> None:
+    """Triton MLA decode; writes ``out`` and ``lse``. ``config``/``num_splits`` override the plan
+    (tests and the benchmark sweep)."""
+    from . import _mla_decode_kernels as K
+
+    B, q_len, H, D = q.shape
+    if B == 0:
+        return
+    rows = q_len * H
+    dv = head_dim_v
+    cfg = config or pick_config(rows, q.dtype, kv_cache.dtype)
+    m_blocks = math.ceil(rows / cfg.block_m)
+    dv_blocks = 2 if cfg.dv_halves else 1
+    page_size = kv_cache.shape[1]
+    if num_splits is None:
+        num_splits = plan_splits(B, m_blocks * dv_blocks, page_table.shape[1] * page_size, cfg.block_n,
+                                 _sm_count(q.device), rows=rows, dv=dv,
+                                 row_bytes=D * kv_cache.element_size())
+    upcast = _interpreting() or q.dtype == torch.float32
+    ieee = q.dtype == torch.float32
+    qk_scale = float(softmax_scale) * float(kv_scale) * K.LOG2E
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty((B, rows, num_splits, dv), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, rows, num_splits), dtype=torch.float32, device=q.device)
+        dst_out, dst_lse = part_out, part_lse
+    else:
+        dst_out, dst_lse = out, lse
+    K.mla_decode_split_kernel[(m_blocks * dv_blocks, num_splits, B)](
+        q, kv_cache, page_table, cache_seqlens, dst_out, dst_lse,
+        qk_scale, float(kv_scale),
+        q_len, H, page_size, page_table.shape[1], num_splits,
+        D=D, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DV=dv // dv_blocks,
+        SPLIT=split, UPCAST=upcast, IEEE=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        block_dv = min(dv, 128)
+        K.mla_decode_combine_kernel[(B * rows, dv // block_dv)](
+            part_out, part_lse, out, lse, num_splits,
+            DV=dv, BLOCK_DV=block_dv, BLOCK_S=_pow2(num_splits), CHUNK_S=8, num_warps=4,
+        )
+
+
+def register(registry, common) -> None:
+    registry.register(
+        OP, mla_decode_triton, supports=_supports,
+        doc="Triton split-KV MLA decode, q_len x heads folded into the dot M axis",
+        **common.kwargs(),
+    )
+
+
+def compile_targets() -> list[tuple]:
+    """(jit fn, signature, constexprs, options) that CI compiles for sm_90 and sm_100 without a GPU
+    (``tests/triton/test_compile_gpu_targets.py``): the tile configs the planner picks for
+    DeepSeek-V3 decode (bf16 and fp8 caches; 16, 32 and 64 folded query rows), and the combine."""
+    from . import _mla_decode_kernels as K
+
+    def split_target(q_ty: str, kv_ty: str, cfg: Config, split: bool) -> tuple:
+        sig = {
+            "q_ptr": f"*{q_ty}", "kv_ptr": f"*{kv_ty}", "page_table_ptr": "*i32", "seqlens_ptr": "*i32",
+            "out_ptr": "*fp32" if split else f"*{q_ty}", "lse_ptr": "*fp32", "qk_scale": "fp32",
+            "v_scale": "fp32", "q_len": "i32", "num_heads": "i32", "page_size": "i32",
+            "page_table_stride": "i32", "num_splits": "i32",
+            "D": "constexpr", "DV": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_DV": "constexpr", "SPLIT": "constexpr", "UPCAST": "constexpr", "IEEE": "constexpr",
+        }
+        consts = dict(D=576, DV=512, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_DV=256 if cfg.dv_halves else 512, SPLIT=split, UPCAST=False, IEEE=False)
+        return (K.mla_decode_split_kernel, sig, consts,
+                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    targets = [
+        split_target("bf16", "bf16", pick_config(16, bf16, bf16), False),
+        split_target("bf16", "bf16", pick_config(32, bf16, bf16), True),
+        split_target("bf16", "bf16", pick_config(64, bf16, bf16), True),
+        split_target("fp16", "fp8e4nv", pick_config(16, torch.float16, fp8), True),
+        split_target("bf16", "fp8e4nv", pick_config(64, bf16, fp8), False),
+    ]
+    combine_sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+                   "num_splits": "i32", "DV": "constexpr", "BLOCK_DV": "constexpr", "BLOCK_S": "constexpr",
+                   "CHUNK_S": "constexpr"}
+    targets.append((K.mla_decode_combine_kernel, combine_sig,
+                    dict(DV=512, BLOCK_DV=128, BLOCK_S=128, CHUNK_S=8), {"num_warps": 4}))
+    return targets
