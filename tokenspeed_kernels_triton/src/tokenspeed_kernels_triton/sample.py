@@ -98,8 +98,9 @@ def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, RADIX: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     digits = tl.arange(0, 1 << RADIX).to(tl.uint32)
     prefix = tl.full([], 0, tl.uint32)
-    for s in tl.static_range(32 // RADIX):
-        cand = prefix | (digits << (32 - RADIX * (s + 1)))
+    for s in range(32 // RADIX):  # a runtime loop: unrolled, 8 stages bloat the PTX ~8x
+        shift = tl.cast(32 - RADIX * (s + 1), tl.uint32)
+        cand = prefix | (digits << shift)
         counts = tl.zeros([1 << RADIX], tl.int32)
         for start in range(0, V, BLOCK):
             idx = start + cols
@@ -108,7 +109,7 @@ def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, RADIX: tl.constexpr):
             counts += tl.sum(ge.to(tl.int32), axis=0)
         # counts fall with the digit; digit 0 (= prefix) always qualifies by induction
         best = tl.max(tl.where(counts >= k, digits, 0), axis=0)
-        prefix = prefix | (best << (32 - RADIX * (s + 1)))
+        prefix = prefix | (best << shift)
     return prefix
 
 
@@ -125,8 +126,9 @@ def _top_p_key(base, V, m, inv_t, k_key, top_p, BLOCK: tl.constexpr, RADIX: tl.c
     target = top_p * total
     digits = tl.arange(0, 1 << RADIX).to(tl.uint32)
     prefix = tl.full([], 0, tl.uint32)
-    for s in tl.static_range(32 // RADIX):
-        cand = prefix | (digits << (32 - RADIX * (s + 1)))
+    for s in range(32 // RADIX):  # a runtime loop: unrolled, 8 stages bloat the PTX ~8x
+        shift = tl.cast(32 - RADIX * (s + 1), tl.uint32)
+        cand = prefix | (digits << shift)
         mass = tl.zeros([1 << RADIX], tl.float32)
         for start in range(0, V, BLOCK):
             idx = start + cols
@@ -136,7 +138,7 @@ def _top_p_key(base, V, m, inv_t, k_key, top_p, BLOCK: tl.constexpr, RADIX: tl.c
             qkey = q.to(tl.uint32, bitcast=True)
             mass += tl.sum(tl.where(qkey[:, None] >= cand[None, :], q[:, None], 0.0), axis=0)
         best = tl.max(tl.where(mass >= target, digits, 0), axis=0)
-        prefix = prefix | (best << (32 - RADIX * (s + 1)))
+        prefix = prefix | (best << shift)
     return prefix
 
 

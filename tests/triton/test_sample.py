@@ -1,0 +1,164 @@
+"""Triton sample under the CPU interpreter: hash parity with the spec, conformance on the small grid,
+filter boundaries, and mutants of the kernel's decisions that the conformance compare must catch."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton kernels are defined (conftest may set it)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import tokenspeed_core  # noqa: E402
+import tokenspeed_core.ops.sample as sample_op  # noqa: E402
+from tokenspeed_core.testing import check_backend, run_case  # noqa: E402
+from tokenspeed_kernels_triton import sample as kernel  # noqa: E402
+
+SPEC = sample_op.SPEC
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run needs TRITON_INTERPRET=1"
+)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    from tokenspeed_kernels_triton import plugin
+
+    with reg.registering_as("triton"):
+        plugin.tokenspeed_register_kernels(registry=reg)
+    return reg
+
+
+@triton.jit
+def _hash_probe(seeds_ptr, offsets_ptr, bits_in_ptr, bits_ptr, e_ptr, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    idx = tl.arange(0, BLOCK)
+    h = kernel._row_key(tl.load(seeds_ptr + row), tl.load(offsets_ptr + row))
+    bits = kernel._random_bits(idx, h)
+    tl.store(bits_ptr + row * V + idx, bits.to(tl.int64), mask=idx < V)
+    given = tl.load(bits_in_ptr + row * V + idx, mask=idx < V, other=0).to(tl.uint32)
+    tl.store(e_ptr + row * V + idx, kernel._exponential(given), mask=idx < V)
+
+
+@needs_interpreter
+def test_uint32_hash_and_exponentials_match_the_spec_bit_for_bit():
+    seeds = torch.tensor([0, -1, 2**63 - 1, -(2**63), 987654321987, -5], dtype=torch.int64)
+    offsets = torch.tensor([0, 2**32 + 1, 7, 2**62, 1, 123456], dtype=torch.int64)
+    B, V = len(seeds), 64
+    want = sample_op.random_bits(seeds, offsets, V)
+    # E over the whole range of u, the ends near 0 and 1 included
+    bits_in = torch.randint(0, 2**32, (B, V), generator=torch.Generator().manual_seed(0))
+    bits_in[0, :8] = torch.tensor([0, 1, 2**23 - 1, 2**23, 2**24 - 2, 2**24 - 1, 2**23 + 1, 5]) << 8
+    bits = torch.empty(B, V, dtype=torch.int64)
+    e = torch.empty(B, V, dtype=torch.float32)
+    _hash_probe[(B,)](seeds, offsets, bits_in, bits, e, V, BLOCK=V)
+    assert torch.equal(bits, want)
+    e_ref = sample_op.exponentials(bits_in)
+    rel = ((e.double() - e_ref) / e_ref).abs().max().item()
+    assert rel < 8 * 2**-24, f"E relative error {rel}"
+
+
+@needs_interpreter
+def test_conformance_small_grid(registry):
+    rep = check_backend("sample", "triton", size="small", device="cpu", registry=registry)
+    assert rep.ok, rep.format(verbose=True)
+    assert sum(r.status == "pass" for r in rep.results) >= len(SPEC.grid("small"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [
+    dict(B=24, V=3000, dtype=torch.bfloat16, mode="filters"),  # several BLOCK chunks per row
+    dict(B=16, V=1025, dtype=torch.float16, masked=True),
+], ids=SPEC.label)
+def test_multi_chunk_rows_agree_exactly(registry, case):
+    inputs = SPEC.make_inputs(case, torch.Generator().manual_seed(42), "cpu")
+    call = SPEC.bind(inputs)
+    out = call.tensors["out"].fill_(-7)
+    registry.backend("sample", "triton").fn(**call.kwargs())
+    ref = torch.empty_like(out)
+    SPEC.reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}, out=ref)
+    assert SPEC.compare("out", out, ref, call) is None
+    assert (out == ref).float().mean() > 0.9  # differences are rare float-rounding near-ties
+
+
+@needs_interpreter
+def test_exact_boundaries_match_the_reference(registry):
+    """p = [.25, .5, .25, 0]: top-p 0.5 excludes the .25 tokens, min-p 0.5 includes them, top-k ties kept."""
+    ln2 = math.log(2)
+    B = 16
+    x = torch.tensor([-ln2, 0.0, -ln2, float("-inf")]).expand(B, -1).contiguous()
+    impl = registry.backend("sample", "triton")
+    for f, allowed in [(dict(top_p=0.5), {1}), (dict(min_p=0.5), {0, 1, 2}), (dict(min_p=3.0), {1}),
+                       (dict(top_k=2), {0, 1, 2}), (dict(top_k=1, top_p=0.9), {1}),
+                       (dict(top_p=0.5 + 2**-20), {0, 1, 2})]:
+        args = dict(logits=x, temperature=torch.ones(B), top_k=torch.zeros(B, dtype=torch.int32),
+                    top_p=torch.ones(B), min_p=torch.zeros(B), seeds=torch.full((B,), 3),
+                    offsets=torch.arange(B))
+        for k, v in f.items():
+            args[k] = torch.full_like(args[k], v)
+        out = torch.full((B,), -1, dtype=torch.int64)
+        impl.fn(**args, out=out)
+        ref = torch.empty_like(out)
+        SPEC.reference(**args, out=ref)
+        assert torch.equal(out, ref), f
+        assert set(out.tolist()) == allowed, f
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mutant", ["ignore_top_k", "ignore_top_p", "ignore_min_p", "other_seed",
+                                    "last_greedy_tie"])
+def test_conformance_catches_kernel_mutants(registry, mutant):
+    """The compare is not vacuous: the real kernel on tampered inputs fails it."""
+    impl = registry.backend("sample", "triton")
+
+    def tampered(logits, temperature, top_k, top_p, min_p, seeds, offsets, out):
+        if mutant == "ignore_top_k":
+            top_k = torch.zeros_like(top_k)
+        elif mutant == "ignore_top_p":
+            top_p = torch.ones_like(top_p)
+        elif mutant == "ignore_min_p":
+            min_p = torch.zeros_like(min_p)
+        elif mutant == "other_seed":
+            seeds = seeds + 1
+        impl.fn(logits, temperature, top_k, top_p, min_p, seeds, offsets, out)
+        if mutant == "last_greedy_tie":
+            x = logits.float()
+            last = (x.shape[1] - 1) - x.flip(1).argmax(1)
+            out.copy_(torch.where(temperature <= 0, last, out))
+
+    def focused(case, gen, device):
+        # every filter drawn, then all but the one under test turned off, so it alone decides;
+        # for the greedy tie rule, coarse logits so the maximum is often shared
+        inputs = SPEC.make_inputs(case, gen, device)
+        if mutant == "last_greedy_tie":
+            inputs["logits"] = (inputs["logits"].float() / 4).round().to(inputs["logits"].dtype)
+            return inputs
+        for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+            if mutant != f"ignore_{name}":
+                inputs[name] = torch.full_like(inputs[name], off)
+        return inputs
+
+    bad = tokenspeed_core.KernelImpl(op="sample", backend="mutant", fn=tampered, devices=("cpu",))
+    spec = SPEC if mutant == "other_seed" else SPEC.with_(make_inputs=focused)
+    case = (dict(B=16, V=40, dtype=torch.bfloat16, mode="greedy") if mutant == "last_greedy_tie"
+            else dict(B=16, V=200, dtype=torch.float32, mode="filters"))
+    results = [run_case(spec, bad, case, "cpu", seed=s) for s in (1, 2)]
+    assert any(r.status == "fail" for r in results), [r.detail for r in results]
+
+
+def test_registration_and_compile_targets(registry):
+    impl = registry.backend("sample", "triton")
+    assert impl.plugin == "triton" and "cuda" in impl.devices
+    targets = kernel.compile_targets()
+    assert {sig["logits_ptr"] for _, sig, _ in targets} == {"*fp32", "*bf16", "*fp16"}
+    for fn, sig, constexprs in targets:
+        assert set(constexprs) <= set(sig) and all(sig[c] == "constexpr" for c in constexprs)
+        assert list(sig) == fn.arg_names
