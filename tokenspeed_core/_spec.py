@@ -49,6 +49,9 @@ class TensorRole:
     shape: per-dimension symbol (str, bound across roles) or fixed size (int).
     dtypes: allowed dtypes. ``same_dtype_as`` ties this role's dtype to another role's.
     For outputs, the allocated dtype is ``same_dtype_as``'s dtype, else ``dtypes[0]``.
+    ``inout`` marks an output whose prior contents are part of the meaning (a KV cache written in
+    place): the caller always passes it, and the conformance kit starts kernel and reference from
+    the same contents instead of poisoning it.
     """
 
     name: str
@@ -58,6 +61,7 @@ class TensorRole:
     optional: bool = False
     same_dtype_as: str | None = None
     contiguous: bool = True
+    inout: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,8 @@ class OpSpec:
         for role in self.outputs:
             t = kwargs.get(role.name)
             if t is None:
+                if role.inout:
+                    raise ArgumentError(self.name, role.name, "in-out tensor is required (it is updated in place)")
                 if not allocate:
                     raise ArgumentError(self.name, role.name, "output tensor is missing")
                 t = self._allocate(role, dims, tensors, device)

@@ -9,11 +9,10 @@ With an fp8 e4m3 cache the quotient is computed in float32, clamped to the e4m3 
 rounded to nearest even once; otherwise it is rounded to the cache dtype once (kv_scale is 1 there
 in practice). Every cache row not addressed keeps its contents.
 
-``kv_cache`` is an in-out tensor: it is listed as an output the caller always passes (allocating a
-fresh cache would make no sense), and its prior contents are part of the meaning. ``compare``
-checks written rows against the reference and that every other row still holds what it held
-before (see compare for how that works under the conformance kit's poisoning), so a kernel that
-clobbers a slot it was not given fails.
+``kv_cache`` is an in-out role (``inout=True``): the caller always passes it, and its prior
+contents are part of the meaning. ``compare`` checks written rows against the reference and that
+every other row is bit-identical to what it held before, so a kernel that clobbers a slot it was
+not given (even with NaN) fails.
 Contract: slots are -1 or in [0, P * PS) and distinct (not checked: it would need a host sync).
 DeepSeek-V3 shapes: D = 576 (512 latent + 64 rope), page_size 64, bf16 or fp8 e4m3.
 """
@@ -76,12 +75,10 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, call: BoundCall) ->
         slot = int(written.nonzero()[first_bad, 0])
         return (f"{int(bad.sum())} written element(s) off (atol={atol}, rtol={rtol}), first in slot {slot}: "
                 f"got {ow[first_bad][bad[first_bad]][:4].tolist()}, expected {rw[first_bad][bad[first_bad]][:4].tolist()}")
-    # Untouched rows keep what they held. A harness that starts kernel and reference from the
-    # same cache contents gets a bit-exact check; the conformance kit poisons the cache with NaN
-    # (and starts the reference from an empty one), so there NaN reads as "untouched" and any
-    # finite value the kernel left in an unaddressed slot fails.
+    # Untouched rows keep what they held: kernel and reference start from the same contents
+    # (kv_cache is an in-out role), so every unaddressed row must be bit-identical.
     ou, ru = o64[~written], r.to(torch.float64).reshape(-1, D)[~written]
-    same = (ou == ru) | ou.isnan()
+    same = (ou == ru) | (ou.isnan() & ru.isnan())
     if not bool(same.all()):
         rows = (~same).any(dim=-1).nonzero()[:, 0]
         first = int((~written).nonzero()[int(rows[0]), 0])
@@ -172,7 +169,7 @@ SPEC = OpSpec(
     ),
     outputs=(
         TensorRole("kv_cache", ("P", "PS", "D"), CACHE_DTYPES,
-                   "paged cache [pages, page_size, D]; in-out: always passed, other rows kept"),
+                   "paged cache [pages, page_size, D]; in-out: always passed, other rows kept", inout=True),
     ),
     params=(ScalarParam("kv_scale", float, "stored = kv / kv_scale (the fp8 quantisation scale)",
                         default=1.0, check=lambda v: None if v > 0 else f"expected > 0, got {v}"),),

@@ -131,12 +131,17 @@ def compare_default(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float
     return None
 
 
-def reference_outputs(spec: OpSpec, call: BoundCall) -> dict[str, torch.Tensor]:
-    """Run the op's reference in float64 on CPU over the same inputs."""
+def reference_outputs(spec: OpSpec, call: BoundCall,
+                      initial: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Run the op's reference in float64 on CPU over the same inputs (and in-out contents)."""
+    initial = initial or {}
     ref_in = {r.name: upcast(call.tensors[r.name]) for r in spec.inputs}
     ref_out = {}
     for r in spec.outputs:
         t = call.tensors[r.name]
+        if r.inout:  # starts from the same prior contents the kernel saw
+            ref_out[r.name] = upcast(initial[r.name])
+            continue
         ref_out[r.name] = torch.empty(t.shape, dtype=torch.float64 if t.is_floating_point() else t.dtype)
     spec.reference(**ref_in, **ref_out, **call.params)
     return ref_out
@@ -157,8 +162,11 @@ def run_case(spec: OpSpec, impl: KernelImpl, case: dict, device: torch.device | 
         if reason:
             res.status, res.detail = "skip", reason
             return res
+        initial = {r.name: call.tensors[r.name].detach().to("cpu", copy=True)
+                   for r in spec.outputs if r.inout}
         for r in spec.outputs:
-            poison_(call.tensors[r.name])
+            if not r.inout:
+                poison_(call.tensors[r.name])
         before = {r.name: call.tensors[r.name].clone() for r in spec.inputs
                   if call.tensors[r.name] is not None}
         impl.fn(**call.kwargs())
@@ -171,7 +179,7 @@ def run_case(spec: OpSpec, impl: KernelImpl, case: dict, device: torch.device | 
                         and torch.equal(old.nan_to_num(), new.nan_to_num())):
                     res.status, res.detail = "fail", f"input '{name}' was modified by the kernel"
                     return res
-        ref = reference_outputs(spec, call)
+        ref = reference_outputs(spec, call, initial)
         atol, rtol = spec.tolerance(call.tensors[spec.primary].dtype)
         problems = []
         for r in spec.outputs:

@@ -1,0 +1,66 @@
+"""The kit itself: in-out roles start kernel and reference from the same contents, crashes are
+reported per case, and a backend that supports nothing does not pass."""
+
+from __future__ import annotations
+
+import torch
+
+import tokenspeed_core as tc
+from tokenspeed_core.ops import kv_cache_write as kvw
+from tokenspeed_core.testing import check_impl
+
+
+def _registry_with(fn, backend, **kw):
+    reg = tc.build_registry(entry_points=False)
+    with reg.registering_as("t"):
+        reg.register(kw.pop("op", "kv_cache_write"), fn, backend=backend, **kw)
+    return reg
+
+
+def _check(reg, backend, op="kv_cache_write"):
+    return check_impl(reg.backend(op, backend), registry=reg, size="small", device="cpu", bad_inputs=False)
+
+
+def test_inout_clobbering_an_unaddressed_slot_fails_even_with_nan():
+    def clobber(kv, slot_mapping, kv_cache, kv_scale=1.0):
+        kvw.reference(kv, slot_mapping, kv_cache, kv_scale)
+        used = set(slot_mapping.tolist())
+        free = next((s for s in range(kv_cache.shape[0] * kv_cache.shape[1]) if s not in used), None)
+        if free is not None:
+            kv_cache.view(-1, kv_cache.shape[-1])[free, 0] = float("nan")
+
+    rep = _check(_registry_with(clobber, "clobber"), "clobber")
+    assert not rep.ok and "not addressed by slot_mapping were modified" in rep.format()
+
+
+def test_inout_correct_kernel_passes_and_missing_write_fails():
+    assert _check(_registry_with(kvw.reference, "ok"), "ok").ok
+
+    def skip_first(kv, slot_mapping, kv_cache, kv_scale=1.0):
+        kvw.reference(kv[1:], slot_mapping[1:], kv_cache, kv_scale)
+
+    rep = _check(_registry_with(skip_first, "lazy"), "lazy")
+    assert not rep.ok and "written element(s) off" in rep.format()
+
+
+def test_crash_is_an_error_row_and_nothing_supported_fails():
+    def crash(**kw):
+        raise RuntimeError("kernel exploded")
+
+    rep = _check(_registry_with(crash, "crash"), "crash")
+    assert not rep.ok and "RuntimeError: kernel exploded" in rep.format()
+    reg = _registry_with(kvw.reference, "never", supports=lambda sig: "supports nothing")
+    rep = _check(reg, "never")
+    assert not rep.ok and "supports none of the grid" in rep.format()
+
+
+def test_in_out_role_must_be_passed():
+    args = kvw.SPEC.make_inputs(dict(T=2, D=4, page_size=2, pages=2, dtype=torch.float32),
+                                torch.Generator().manual_seed(0), "cpu")
+    del args["kv_cache"]
+    try:
+        kvw.SPEC.bind(args)
+    except tc.ArgumentError as exc:
+        assert "'kv_cache': in-out tensor is required" in str(exc)
+    else:
+        raise AssertionError("missing in-out tensor accepted")
