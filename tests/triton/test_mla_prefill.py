@@ -3,7 +3,6 @@ config on one realistic-dims case, program-to-request mapping over many ragged r
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton kernels are defined (conftest may set it)
@@ -58,21 +57,11 @@ def _run_against_reference(case, config=None, seed=0):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("prefetch_qk", [False, True])
-def test_hopper_tiles_on_deepseek_dims(prefetch_qk):
+def test_hopper_tiles_on_deepseek_dims():
     """The GPU config (BLOCK_M 128, BLOCK_N 64): a block straddling requests' diagonals, a long
     prefix, a request shorter than one block and one longer than two."""
     case = dict(H=1, Dqk=192, Dv=128, q_lens=[300, 0, 5], prefixes=[70, 9, 200], dtype=torch.float16)
-    config = dataclasses.replace(kernel.HOPPER_16BIT, prefetch_qk=prefetch_qk)
-    _run_against_reference(case, config=config)
-
-
-@needs_interpreter
-def test_prefetch_qk_small_tiles():
-    """The software-pipelined q.k loop at 16x16 tiles: many unmasked tiles, a request whose
-    unmasked range is empty, and one shorter than a tile."""
-    case = dict(H=2, Dqk=48, Dv=32, q_lens=[40, 3, 0, 1], prefixes=[77, 0, 5, 8], dtype=torch.float32)
-    _run_against_reference(case, config=kernel.Config(16, 16, 4, 1, prefetch_qk=True), seed=3)
+    _run_against_reference(case, config=kernel.HOPPER_16BIT)
 
 
 @needs_interpreter
@@ -114,6 +103,7 @@ def test_supports_explains_rejection(registry):
 def test_compile_targets_are_well_formed():
     targets = kernel.compile_targets()
     assert targets
-    for fn, sig, constexprs in targets:
+    for fn, sig, constexprs, options in targets:
+        assert set(options) == {"num_warps", "num_stages"}
         assert set(sig) == set(fn.arg_names)
         assert all(sig[k] == "constexpr" for k in constexprs)

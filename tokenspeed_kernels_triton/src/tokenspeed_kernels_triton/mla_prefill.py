@@ -37,7 +37,6 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-    prefetch_qk: bool = False  # issue the next tile's q.k before this tile's softmax
 
 
 # Hopper, Dqk 192 / Dv 128, 16-bit: Q tile 48 KB + 3 stages x (K 24 KB + V 16 KB) = 168 KB smem
@@ -135,24 +134,13 @@ def _attend_range(acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, n_lo, n_hi,
                   offs_db, offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
                   DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                   DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr, PREFETCH_QK: tl.constexpr):
-    """Key tiles [n_lo, n_hi) in steps of BLOCK_N. PREFETCH_QK (unmasked tiles only) issues the
-    next tile's q . k before this tile's softmax, so the tensor cores run while exp2 does."""
-    if PREFETCH_QK:
-        s = _scores(qa, qb, kta_ptrs, ktb_ptrs, n_lo, offs_n, offs_da, offs_db, n_hi, stride_kt,
-                    DQK, DA, DB, True, UPCAST)
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            s_next = _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n + BLOCK_N, offs_n, offs_da, offs_db,
-                             n_hi, stride_kt, DQK, DA, DB, True, UPCAST)
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos,
-                                        kv_len, qk_scale_log2, stride_vt, DV, DV_PAD, False, UPCAST)
-            s = s_next
-    else:
-        for start_n in range(n_lo, n_hi, BLOCK_N):
-            s = _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n, offs_n, offs_da, offs_db, kv_len,
-                        stride_kt, DQK, DA, DB, MASKED, UPCAST)
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos,
-                                        kv_len, qk_scale_log2, stride_vt, DV, DV_PAD, MASKED, UPCAST)
+                  UPCAST: tl.constexpr):
+    """Key tiles [n_lo, n_hi) in steps of BLOCK_N."""
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        s = _scores(qa, qb, kta_ptrs, ktb_ptrs, start_n, offs_n, offs_da, offs_db, kv_len,
+                    stride_kt, DQK, DA, DB, MASKED, UPCAST)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v_ptrs, start_n, offs_n, offs_dv, q_pos,
+                                    kv_len, qk_scale_log2, stride_vt, DV, DV_PAD, MASKED, UPCAST)
     return acc, m_i, l_i
 
 
@@ -165,7 +153,6 @@ def mla_prefill_fwd_kernel(
     stride_ot, stride_oh, stride_lt, stride_lh,
     DQK: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH_QK: tl.constexpr,
 ):
     pid = num_q_programs - 1 - tl.program_id(0)  # latest (heaviest) query blocks first
     head = tl.program_id(1)
@@ -222,13 +209,13 @@ def mla_prefill_fwd_kernel(
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, 0, n_full, offs_n, offs_da, offs_db,
         offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-        DQK, DV, DA, DB, DV_PAD, BLOCK_N, False, UPCAST, PREFETCH_QK)
+        DQK, DV, DA, DB, DV_PAD, BLOCK_N, False, UPCAST)
     # tiles across the diagonal, up to the last row's last key
     n_end = tl.minimum(kv_len, prefix + (m_block + 1) * BLOCK_M)
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, qa, qb, kta_ptrs, ktb_ptrs, v_ptrs, n_full, n_end, offs_n, offs_da, offs_db,
         offs_dv, q_pos, kv_len, qk_scale_log2, stride_kt, stride_vt,
-        DQK, DV, DA, DB, DV_PAD, BLOCK_N, True, UPCAST, False)
+        DQK, DV, DA, DB, DV_PAD, BLOCK_N, True, UPCAST)
 
     acc = acc / l_i[:, None]
     rows = (q_start + offs_m).to(tl.int64)
@@ -265,7 +252,6 @@ def launch(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse, softmax_scale, config
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         DQK=Dqk, DV=Dv, DA=da, DB=db, DV_PAD=pad_dim(Dv),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_interpreting(),
-        PREFETCH_QK=cfg.prefetch_qk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -292,8 +278,9 @@ def register(registry, common) -> None:
 
 
 def compile_targets() -> list[tuple]:
-    """(jit_fn, signature, constexprs) for realistic configs, for the sm_90 / sm_100 compile test:
-    DeepSeek dims bf16 with the Hopper tiles, fp16, an fp32 config and a padded head dim."""
+    """(jit_fn, signature, constexprs, options) for realistic configs, for the sm_90 / sm_100
+    compile test: DeepSeek dims bf16 with the Hopper tiles (first), fp16 with the generic tiles,
+    fp32, and a head-dim pair that needs padding (96 = 64 + 32, Dv 80 -> 128)."""
     targets = []
     for dtype, dqk, dv, cfg in (("bf16", 192, 128, HOPPER_16BIT), ("fp16", 192, 128, GENERIC_16BIT),
                                 ("fp32", 192, 128, FP32), ("bf16", 96, 80, HOPPER_16BIT)):
@@ -306,9 +293,9 @@ def compile_targets() -> list[tuple]:
                                         "stride_vh", "stride_ot", "stride_oh", "stride_lt", "stride_lh")},
         }
         constexprs = dict(DQK=dqk, DV=dv, DA=da, DB=db, DV_PAD=pad_dim(dv), BLOCK_M=cfg.block_m,
-                          BLOCK_N=cfg.block_n, UPCAST=False,
-                          PREFETCH_QK=cfg.prefetch_qk)
+                          BLOCK_N=cfg.block_n, UPCAST=False)
         for name, value in constexprs.items():
             sig[name] = "constexpr"
-        targets.append((mla_prefill_fwd_kernel, sig, constexprs))
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        targets.append((mla_prefill_fwd_kernel, sig, constexprs, options))
     return targets
