@@ -50,7 +50,6 @@ def ceilings() -> dict:
     dst = torch.empty_like(src)
     t = median_ms(lambda: dst.copy_(src))
     copy_gbs = 2 * n * 2 / (t * 1e-3) / 1e9
-    del src, dst
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     t = median_ms(lambda: torch.matmul(a, b))
@@ -166,7 +165,7 @@ def main() -> None:
             row = {"preset": preset, "case": SPEC.label(case), "flops": flops, "ours": {}}
             for name, cfg in configs.items():
                 try:
-                    ms = median_ms(lambda cfg=cfg: kernel.launch(**kw, config=cfg))
+                    ms = median_ms(lambda cfg=cfg, kw=kw: kernel.launch(**kw, config=cfg))
                     row["ours"][name] = ms
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on this card
                     print(f"config {name} failed: {type(exc).__name__}: {exc}"[:300])
@@ -174,7 +173,6 @@ def main() -> None:
             rows.append(row)
             print(preset, row["case"], {k: round(v, 3) for k, v in row["ours"].items()},
                   "cudnn", row["cudnn_ms"], f"{time.time() - t0:.1f}s")
-            del x, call, kw
 
     again = ceilings()  # the ceilings once more, warm, after the sweep: their spread is the noise
     info["ceilings_after"] = again
@@ -191,7 +189,7 @@ def main() -> None:
         print(f"  {name:<14} {sum(vals) / max(1, len(vals)):5.1f}%")
     print(f"\n{info['device']}  copy {ceil['copy_GBs']:.0f} GB/s  GEMM bf16 {gemm:.0f} TFLOP/s  "
           f"triton {triton.__version__}  correctness {len(checks) - n_bad}/{len(checks)}")
-    print(f"| preset | shape | best config | ours µs | ours TFLOP/s (% GEMM) | cuDNN µs | cuDNN TFLOP/s (% GEMM) |")
+    print("| preset | shape | best config | ours µs | ours TFLOP/s (% GEMM) | cuDNN µs | cuDNN TFLOP/s (% GEMM) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         best = min(r["ours"], key=r["ours"].get)

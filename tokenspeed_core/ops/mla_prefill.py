@@ -90,10 +90,10 @@ def make_inputs(case, gen, device):
     prefixes = _lengths(case, "prefix", "prefixes", 0, B, gen)
     if len(q_lens) != B or len(prefixes) != B:
         raise ValueError(f"case {case}: B={B} but {len(q_lens)} q_lens and {len(prefixes)} prefixes")
-    kv_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    kv_lens = [p + n for p, n in zip(prefixes, q_lens, strict=True)]
     cu_q = [0]
     cu_kv = [0]
-    for n, m in zip(q_lens, kv_lens):
+    for n, m in zip(q_lens, kv_lens, strict=True):
         cu_q.append(cu_q[-1] + n)
         cu_kv.append(cu_kv[-1] + m)
     T, T_kv = cu_q[-1], cu_kv[-1]

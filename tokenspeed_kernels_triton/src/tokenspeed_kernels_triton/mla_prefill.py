@@ -294,8 +294,7 @@ def compile_targets() -> list[tuple]:
         }
         constexprs = dict(DQK=dqk, DV=dv, DA=da, DB=db, DV_PAD=pad_dim(dv), BLOCK_M=cfg.block_m,
                           BLOCK_N=cfg.block_n, UPCAST=False)
-        for name, value in constexprs.items():
-            sig[name] = "constexpr"
+        sig.update({name: "constexpr" for name in constexprs})
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         targets.append((mla_prefill_fwd_kernel, sig, constexprs, options))
     return targets
