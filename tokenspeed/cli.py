@@ -34,7 +34,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         cands = reg.candidates(sig)
         for c in cands:
             entries.append({
-                "op": op, "backend": c.impl.backend, "plugin": c.impl.plugin, "priority": c.impl.priority,
+                "op": op, "backend": c.impl.backend, "plugin": c.impl.plugin, "priority": c.priority,
                 "devices": list(c.impl.devices), "selected": c.selected,
                 "reason": c.reason or "", "status": c.impl.status, "doc": c.impl.doc,
                 "forced": forced_backend(op)[0] or "",

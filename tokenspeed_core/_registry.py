@@ -55,6 +55,17 @@ class KernelImpl:
     doc: str = ""
     status: str = ""  # e.g. "compiled, not run on hardware"
     unavailable: str = ""  # why it cannot run in this process at all (missing package, ...)
+    # optional per-signature priority: a kernel that can run a shape but is known to lose there
+    # (measured) steps down without refusing, so it can still be forced and benchmarked
+    rank: Callable[[Signature], int] | None = None
+
+    def priority_for(self, sig: Signature) -> int:
+        if self.rank is None:
+            return self.priority
+        try:
+            return int(self.rank(sig))
+        except Exception:  # a broken rank function must not take selection down
+            return self.priority
 
     def reject_reason(self, sig: Signature, primary: str) -> str | None:
         """Why this implementation cannot run ``sig``; None when it can."""
@@ -91,6 +102,7 @@ class Candidate:
     impl: KernelImpl
     reason: str | None  # None: accepted
     selected: bool = False
+    priority: int = 0  # for this signature (see KernelImpl.rank)
 
 
 @dataclass
@@ -164,6 +176,7 @@ class Registry:
         doc: str = "",
         status: str = "",
         unavailable: str = "",
+        rank: Callable[[Signature], int] | None = None,
     ):
         """Register ``fn`` as ``backend``'s implementation of ``op``. Usable as a decorator."""
 
@@ -178,7 +191,7 @@ class Registry:
                     dtypes=tuple(dtypes) if dtypes is not None else None, supports=supports,
                     priority=int(priority), plugin=self._current_plugin,
                     doc=doc or (f.__doc__ or "").strip().split("\n")[0], status=status,
-                    unavailable=unavailable,
+                    unavailable=unavailable, rank=rank,
                 )
                 self.impls[op].append(impl)
                 self._cache.clear()
@@ -225,7 +238,9 @@ class Registry:
 
     def candidates(self, sig: Signature) -> list[Candidate]:
         spec = self.spec(sig.op)
-        out = [Candidate(i, i.reject_reason(sig, spec.primary)) for i in self.implementations(sig.op)]
+        out = [Candidate(i, i.reject_reason(sig, spec.primary), priority=i.priority_for(sig))
+               for i in self.implementations(sig.op)]
+        out.sort(key=lambda c: (-c.priority, c.impl.backend))
         forced, _ = forced_backend(sig.op)
         for c in out:
             if forced and c.impl.backend != forced and c.reason is None:
@@ -286,7 +301,7 @@ def format_explain(sig: Signature, cands: list[Candidate]) -> str:
         mark = "SELECTED" if c.selected else ("ok      " if c.reason is None else "rejected")
         why = "" if c.reason is None else f": {c.reason}"
         lines.append(
-            f"  {mark} {c.impl.backend:<12} prio {c.impl.priority:<4} (plugin {c.impl.plugin}){why}"
+            f"  {mark} {c.impl.backend:<12} prio {c.priority:<4} (plugin {c.impl.plugin}){why}"
         )
     return "\n".join(lines)
 

@@ -124,3 +124,16 @@ def test_unavailable_impl_listed_with_reason(reg, args):
     with reg.registering_as("t"):
         reg.register("mla_decode", mla.reference, backend="cute", priority=300, unavailable="package X missing")
     assert "unavailable: package X missing" in reg.explain("mla_decode", **args)
+
+
+def test_rank_lowers_priority_per_signature_without_refusing(reg, args):
+    calls: list[str] = []
+    with reg.registering_as("t"):
+        reg.register("mla_decode", _recorder(calls, "special"), backend="special", priority=300,
+                     rank=lambda sig: 300 if sig.dim("H") >= 64 else 50)
+        reg.register("mla_decode", _recorder(calls, "portable"), backend="portable", priority=100)
+    reg.call("mla_decode", **args)  # H=4: special steps down below portable
+    with use_backend(mla_decode="special"):  # but can still be forced
+        reg.call("mla_decode", **args)
+    assert calls == ["portable", "special"]
+    assert "prio 50" in reg.explain("mla_decode", **args)
