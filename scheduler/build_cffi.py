@@ -41,7 +41,7 @@ ffibuilder.set_source(
     sources=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "src", "*.cpp"))),
     include_dirs=[_rel(os.path.join(_HERE, "include"))],
     depends=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "include", "**", "*.h*"), recursive=True)),
-    extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden"],
+    extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden"],
     language="c++",
 )
 

@@ -1,6 +1,7 @@
 #include "tokenspeed/scheduler.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <limits>
 
 namespace tokenspeed {
@@ -9,6 +10,19 @@ namespace {
 [[noreturn]] void fail(ErrorCode code, const std::string& what) { throw Error(code, what); }
 
 inline int32_t ceil_div(int64_t a, int64_t b) { return static_cast<int32_t>((a + b - 1) / b); }
+
+}  // namespace
+
+// Page arithmetic on the hot path: shifts when page_size is a power of two (the usual case),
+// because three 64-bit divisions per request per step were a third of a 1024-decode step.
+int32_t PageMath::pages_for(int64_t tokens) const noexcept {
+  return shift >= 0 ? static_cast<int32_t>((tokens + size - 1) >> shift) : ceil_div(tokens, size);
+}
+int32_t PageMath::full_pages(int64_t tokens) const noexcept {
+  return shift >= 0 ? static_cast<int32_t>(tokens >> shift) : static_cast<int32_t>(tokens / size);
+}
+
+namespace {
 
 template <class T>
 void append_all(std::vector<int32_t>& arena, const std::vector<T>& v) {
@@ -44,6 +58,8 @@ Scheduler::Scheduler(const Config& c) : config_(c), pool_(std::max(c.num_pages, 
   if (c.max_batch_tokens < 1 + c.num_draft_slots)
     fail(ErrorCode::kInvalidArgument, "config: max_batch_tokens must be >= 1 + num_draft_slots");
   for (int32_t r = c.max_batch_size - 1; r >= 0; --r) free_rows_.push_back(r);
+  page_math_.size = c.page_size;
+  page_math_.shift = std::has_single_bit(static_cast<uint32_t>(c.page_size)) ? std::countr_zero(static_cast<uint32_t>(c.page_size)) : -1;
   plan_.clear();
 }
 
@@ -71,7 +87,8 @@ int32_t Scheduler::submit(std::span<const int32_t> prompt, int32_t max_new_token
   if (next_id_ == std::numeric_limits<int32_t>::max()) fail(ErrorCode::kCapacity, "submit: request ids exhausted");
   RequestCore core;
   core.id = next_id_++;
-  core.tokens.reserve(prompt.size() + max_new_tokens + 1);
+  // Room for a typical reply without growth, but never max_new_tokens blindly (it may be huge).
+  core.tokens.reserve(prompt.size() + std::min(max_new_tokens, 1024) + 1);
   core.tokens.assign(prompt.begin(), prompt.end());
   core.prompt_len = static_cast<int32_t>(prompt.size());
   core.max_new_tokens = max_new_tokens;
@@ -125,7 +142,7 @@ void Scheduler::abort(int32_t req_id) {
 }
 
 void Scheduler::grow_pages(RunningBody& body, int32_t num_tokens) {
-  const int32_t need = ceil_div(num_tokens, config_.page_size) - static_cast<int32_t>(body.pages.size());
+  const int32_t need = page_math_.pages_for(num_tokens) - static_cast<int32_t>(body.pages.size());
   if (need <= 0) return;
   const std::size_t first = body.pages.size();
   cache_.allocate(need, body.pages);
@@ -146,9 +163,14 @@ void Scheduler::emit_entry(int32_t slot, const RunningBody& body, int32_t query_
   plan_.query_start.push_back(plan_.query_start.back() + query_len);
   const int32_t real = query_len - draft_slots;
   const int32_t* src = body.core.tokens.data() + body.num_computed;
-  plan_.input_tokens.insert(plan_.input_tokens.end(), src, src + real);
-  plan_.input_tokens.insert(plan_.input_tokens.end(), draft_slots, -1);
-  for (int32_t i = 0; i < query_len; ++i) plan_.positions.push_back(body.num_computed + i);
+  if (query_len == 1) {  // the common decode: skip the generic range inserts
+    plan_.input_tokens.push_back(*src);
+    plan_.positions.push_back(body.num_computed);
+  } else {
+    plan_.input_tokens.insert(plan_.input_tokens.end(), src, src + real);
+    plan_.input_tokens.insert(plan_.input_tokens.end(), draft_slots, -1);
+    for (int32_t i = 0; i < query_len; ++i) plan_.positions.push_back(body.num_computed + i);
+  }
   stats_.computed_tokens += query_len;
   ++num_scheduled_;
 }
@@ -176,7 +198,7 @@ bool Scheduler::schedule_decodes(int32_t& budget) {
     if (num_scheduled_ == config_.max_batch_size || budget < 1 + k) break;
     RunningBody& body = d->body();
     const int32_t need_tokens = body.num_computed + 1 + k;
-    const int32_t need_pages = ceil_div(need_tokens, config_.page_size) - static_cast<int32_t>(body.pages.size());
+    const int32_t need_pages = page_math_.pages_for(need_tokens) - static_cast<int32_t>(body.pages.size());
     while (need_pages > pool_.available()) {
       // Victim: the most recently admitted running request; never one already in this plan,
       // because decodes are visited front to back and victims come off the back.
@@ -305,7 +327,7 @@ int32_t Scheduler::append_tokens(RunningBody& body, const int32_t* tokens, int32
 
 void Scheduler::offer_full_pages(RunningBody& body) {
   const int32_t ps = config_.page_size;
-  const int32_t full = body.num_computed / ps;
+  const int32_t full = page_math_.full_pages(body.num_computed);
   while (body.num_cached_pages < full && !body.chain_broken) {
     const int32_t parent = body.chain_parent;
     if (parent >= 0 && (!pool_.is_cached(parent) || cache_.generation(parent) != body.chain_generation)) {
@@ -360,7 +382,6 @@ const FinishedList& Scheduler::commit(const CommitInput& in) {
   awaiting_commit_ = false;
   finished_.ids.clear();
   finished_.reasons.clear();
-  const int32_t ps = config_.page_size;
   bool any_finished = false;
   int64_t offset = 0;
   for (int32_t i = 0; i < n; ++i) {
@@ -410,7 +431,7 @@ const FinishedList& Scheduler::commit(const CommitInput& in) {
     // cached and gets overwritten next step. Pages beyond what the next step's 1 + k query tokens
     // need are released (keeping exactly those avoids freeing and re-allocating every step).
     const auto keep = static_cast<std::size_t>(
-        ceil_div(static_cast<int64_t>(body.core.tokens.size()) + config_.num_draft_slots, ps));
+        page_math_.pages_for(static_cast<int64_t>(body.core.tokens.size()) + config_.num_draft_slots));
     if (body.pages.size() > keep) {
       body.pages.truncate(keep);
       pending_truncate_rows_.push_back(body.row);

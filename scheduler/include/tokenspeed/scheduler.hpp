@@ -59,6 +59,13 @@ struct Plan {
   [[nodiscard]] int32_t num_entries() const noexcept { return static_cast<int32_t>(req_ids.size()); }
 };
 
+struct PageMath {
+  int32_t size = 1;
+  int32_t shift = -1;  // log2(size) when size is a power of two
+  [[nodiscard]] int32_t pages_for(int64_t tokens) const noexcept;   // ceil(tokens / size)
+  [[nodiscard]] int32_t full_pages(int64_t tokens) const noexcept;  // floor(tokens / size)
+};
+
 struct CommitInput {
   int64_t step_id = 0;
   std::span<const int32_t> req_ids, num_sampled, tokens;
@@ -114,6 +121,7 @@ class Scheduler {
   int32_t append_tokens(RunningBody& body, const int32_t* tokens, int32_t n);
 
   Config config_;
+  PageMath page_math_;
   PagePool pool_;
   PrefixCache cache_;
   std::vector<Slot> slots_;
