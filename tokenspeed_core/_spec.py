@@ -62,6 +62,7 @@ class TensorRole:
     same_dtype_as: str | None = None
     contiguous: bool = True
     inout: bool = False
+    present_if: str | None = None  # an output that exists only when this optional input is given
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,12 @@ class OpSpec:
                     raise ArgumentError(self.name, pname, f"is {params[pname]} but {sym}={dims[sym]} from the inputs")
         for role in self.outputs:
             t = kwargs.get(role.name)
+            if role.present_if is not None and tensors.get(role.present_if) is None:
+                if t is not None:
+                    raise ArgumentError(self.name, role.name,
+                                        f"only exists when '{role.present_if}' is given; pass None")
+                tensors[role.name] = None
+                continue
             if t is None:
                 if role.inout:
                     raise ArgumentError(self.name, role.name, "in-out tensor is required (it is updated in place)")

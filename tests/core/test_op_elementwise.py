@@ -28,7 +28,7 @@ def _run_reference(spec, case, seed=0):
     """Bind generated inputs (outputs allocated and NaN-poisoned), run the reference, return the call."""
     call = spec.bind(spec.make_inputs(case, _gen(seed), CPU))
     for r in spec.outputs:
-        if r.name != "kv_cache":  # in-out: its contents are an input of the meaning
+        if not r.inout and call.tensors[r.name] is not None:  # in-out contents are part of the meaning
             call.tensors[r.name].fill_(float("nan"))
     spec.reference(**call.kwargs())
     return call
@@ -59,9 +59,10 @@ def test_rms_norm_reference(dtype, residual, T, N):
     t = call.tensors
     out, s = _rms_norm_f64(t["x"], t["weight"], t["residual"], call.params["eps"])
     _close(t["out"], out, dtype)
-    _close(t["residual_out"], s, dtype)
-    if not residual:
-        assert torch.equal(t["residual_out"], t["x"])  # the new residual is x itself
+    if residual:
+        _close(t["residual_out"], s, dtype)
+    else:
+        assert t["residual_out"] is None  # exists only with a residual (present_if)
 
 
 def test_rms_norm_in_place_aliases():
@@ -329,3 +330,11 @@ def test_value_checks():
     with pytest.raises(ArgumentError) as exc:  # silu_and_mul's spec layout is [T, 2, N]
         _call("silu_and_mul", {"x": torch.randn(3, 3, 4)})
     assert exc.value.arg == "x"
+
+
+def test_rms_norm_residual_out_only_with_residual():
+    x, w = torch.randn(2, 8), torch.rand(8) + 0.5
+    with pytest.raises(ArgumentError, match="'residual_out': only exists when 'residual' is given"):
+        rn.rms_norm(x, w, residual_out=torch.empty(2, 8))
+    out, res = rn.rms_norm(x, w)
+    assert res is None and out.shape == (2, 8)

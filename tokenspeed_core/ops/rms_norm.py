@@ -3,14 +3,14 @@
 For each row t of x (and of ``residual`` when given):
 
     s               = x[t] + residual[t]   rounded once to x's dtype   (s = x[t] without a residual)
-    residual_out[t] = s                    (the new residual stream)
+    residual_out[t] = s                    (the new residual stream; only with a residual)
     out[t]          = s / sqrt(mean(s * s) + eps) * weight
 
 Computed in float32 (float64 for float64 inputs): the weight multiplies the normalised value, and
 the result is cast to the output dtype once. The norm is taken of the rounded sum, i.e. of exactly
-what ``residual_out`` holds and the next layer adds to. Without a residual it is a copy of x, which is what the first
-decoder layer needs as its residual; the norms that need no residual (DeepSeek's q_a/kv_a norms)
-pay that extra write because the spec machinery has no optional outputs yet.
+what ``residual_out`` holds and the next layer adds to. ``residual_out`` exists only when
+``residual`` is given (``present_if``): the norms that need no residual (DeepSeek's q_a/kv_a norms,
+the first decoder layer, whose residual is x itself) write nothing but ``out``.
 
 Aliasing: ``residual_out`` may be ``residual`` and ``out`` may be ``x`` (each element is read before
 it is written, by the same program), which gives the in-place update of the residual stream.
@@ -27,7 +27,7 @@ from ._common import ELEMENTWISE_TOL, FLOATS, nbytes, randn
 DTYPES = FLOATS
 
 
-def reference(x, weight, out, residual_out, residual=None, eps=1e-6):
+def reference(x, weight, out, residual_out=None, residual=None, eps=1e-6):
     """The meaning of rms_norm; computes in float32, or float64 for float64 inputs."""
     acc = torch.promote_types(x.dtype, torch.float32)
     s = x.to(acc, copy=True)  # a copy: out may alias x
@@ -36,7 +36,8 @@ def reference(x, weight, out, residual_out, residual=None, eps=1e-6):
         s = s.to(x.dtype).to(acc)
     inv_rms = torch.rsqrt(s.square().mean(dim=-1, keepdim=True) + eps)
     out.copy_((s * inv_rms * weight.to(acc)).to(out.dtype))
-    residual_out.copy_(s.to(residual_out.dtype))
+    if residual_out is not None:
+        residual_out.copy_(s.to(residual_out.dtype))
 
 
 def _check_eps(v: float) -> str | None:
@@ -62,7 +63,7 @@ def cost(call: BoundCall) -> Cost:
     T, N = t["x"].shape
     fused = t["residual"] is not None
     flops = T * N * (4.0 + (1.0 if fused else 0.0))  # square, sum, scale, weight (+ residual add)
-    return Cost(flops, nbytes(t["x"], t["weight"], t["residual"], t["out"], t["residual_out"]))
+    return Cost(flops, nbytes(t["x"], t["weight"], t["residual"], t["out"], t.get("residual_out")))
 
 
 def grid(size: str) -> list[dict]:
@@ -106,8 +107,8 @@ SPEC = OpSpec(
     ),
     outputs=(
         TensorRole("out", ("T", "N"), DTYPES, "normalised rows", same_dtype_as="x"),
-        TensorRole("residual_out", ("T", "N"), DTYPES, "x + residual (the new residual), or x",
-                   same_dtype_as="x"),
+        TensorRole("residual_out", ("T", "N"), DTYPES, "x + residual (the new residual stream)",
+                   same_dtype_as="x", present_if="residual"),
     ),
     params=(ScalarParam("eps", float, "added to the mean square", default=1e-6, check=_check_eps),),
     reference=reference,
@@ -127,7 +128,8 @@ SPEC = OpSpec(
 
 
 def rms_norm(x, weight, residual=None, *, eps=1e-6, out=None, residual_out=None):
-    """Run the selected rms_norm kernel. Returns (out, residual_out)."""
+    """Run the selected rms_norm kernel. Returns (out, residual_out); residual_out is None
+    without a residual."""
     from .. import get_registry
 
     return get_registry().call("rms_norm", x=x, weight=weight, residual=residual, eps=eps, out=out,

@@ -1,9 +1,10 @@
 """Triton ``rms_norm`` (+ fused residual add): one pass over the rows, float32 math.
 
 A program normalises BLOCK_T whole rows held in registers (one read of x and residual, one write
-of out and residual_out: the op's minimum traffic). Rows wider than ONE_PASS_MAX elements take a
-second sweep that re-reads residual_out (written in the first sweep, ordered by a CTA barrier),
-since re-reading ``residual`` would be wrong when residual_out aliases it.
+of out and, with a residual, residual_out: the op's minimum traffic). Rows wider than ONE_PASS_MAX
+elements take a second sweep that re-reads residual_out (written in the first sweep, ordered by a
+CTA barrier), since re-reading ``residual`` would be wrong when residual_out aliases it; without a
+residual the second sweep re-reads x.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
         s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s_stored = s.to(residual_out_ptr.dtype.element_ty)
-        tl.store(residual_out_ptr + offs, s_stored, mask=mask)
-        s = s_stored.to(tl.float32)  # normalise exactly what the residual stream holds
+            s_stored = s.to(residual_out_ptr.dtype.element_ty)
+            tl.store(residual_out_ptr + offs, s_stored, mask=mask)
+            s = s_stored.to(tl.float32)  # normalise exactly what the residual stream holds
         inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / N + eps)
         w = tl.load(weight_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = s * inv_rms[:, None] * w[None, :]
@@ -46,9 +47,9 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
             s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            s_stored = s.to(residual_out_ptr.dtype.element_ty)
-            tl.store(residual_out_ptr + offs, s_stored, mask=mask)
-            s = s_stored.to(tl.float32)
+                s_stored = s.to(residual_out_ptr.dtype.element_ty)
+                tl.store(residual_out_ptr + offs, s_stored, mask=mask)
+                s = s_stored.to(tl.float32)
             sum_sq += s * s
         inv_rms = tl.rsqrt(tl.sum(sum_sq, axis=1) / N + eps)
         tl.debug_barrier()  # this CTA's residual_out stores are visible to all its threads
@@ -56,7 +57,10 @@ def rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
             c = start + cols
             mask = row_ok[:, None] & (c[None, :] < N)
             offs = row_start[:, None] + c[None, :]
-            s = tl.load(residual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                s = tl.load(residual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(weight_ptr + c, mask=c < N, other=0.0).to(tl.float32)
             y = s * inv_rms[:, None] * w[None, :]
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -73,15 +77,17 @@ def launch_config(T: int, N: int) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_N=block_n, ONE_PASS=one_pass, num_warps=num_warps)
 
 
-def rms_norm(x, weight, out, residual_out, residual=None, eps=1e-6):
+def rms_norm(x, weight, out, residual_out=None, residual=None, eps=1e-6):
     """rms_norm through Triton; destination passing (see tokenspeed_core.ops.rms_norm)."""
     T, N = x.shape
     if T == 0:
         return
     cfg = launch_config(T, N)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]),)
-    rms_norm_kernel[grid](x, residual if residual is not None else x, weight, out, residual_out, T, N, eps,
-                          HAS_RESIDUAL=residual is not None, **cfg)
+    has_res = residual is not None
+    # without a residual the two pointers are never dereferenced (HAS_RESIDUAL is a constexpr)
+    rms_norm_kernel[grid](x, residual if has_res else x, weight, out, residual_out if has_res else out,
+                          T, N, eps, HAS_RESIDUAL=has_res, **cfg)
 
 
 def compile_targets() -> list[tuple]:
