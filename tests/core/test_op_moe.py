@@ -45,7 +45,7 @@ def _per_token(inputs):
         if inputs["norm_topk_prob"]:
             tot = sum(w)
             w = [v / tot for v in w]
-        for e, we in zip(chosen, w):
+        for e, we in zip(chosen, w, strict=True):
             out[t] += we * inputs["routed_scaling_factor"] * mlp(x[t], w13[e], w2[e])
         for j in range(ws13.shape[0]):
             out[t] += mlp(x[t], ws13[j], ws2[j])

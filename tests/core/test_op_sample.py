@@ -72,7 +72,9 @@ def _run(inputs, dtype=None):
 
 def _inputs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0, seeds=0, offsets=0):
     B = logits.shape[0]
-    full = lambda v, dt: v if isinstance(v, torch.Tensor) else torch.full((B,), v, dtype=dt)
+    def full(v, dt):
+        return v if isinstance(v, torch.Tensor) else torch.full((B,), v, dtype=dt)
+
     return dict(logits=logits, temperature=full(temperature, torch.float32),
                 top_k=full(top_k, torch.int32), top_p=full(top_p, torch.float32),
                 min_p=full(min_p, torch.float32), seeds=full(seeds, torch.int64),
@@ -87,7 +89,7 @@ def test_hash_matches_python_integers():
     s = torch.tensor([a for a in seeds for _ in offsets], dtype=torch.int64)
     o = torch.tensor([b for _ in seeds for b in offsets], dtype=torch.int64)
     got = sample_op.random_bits(s, o, V)
-    want = torch.tensor([[_bits_py(int(a), int(b), i) for i in range(V)] for a, b in zip(s, o)])
+    want = torch.tensor([[_bits_py(int(a), int(b), i) for i in range(V)] for a, b in zip(s, o, strict=True)])
     assert torch.equal(got, want)
     assert got.min() >= 0 and got.max() <= M32
 
@@ -106,7 +108,7 @@ def test_uniforms_pass_kolmogorov_smirnov_and_exponentials_are_exact():
     # E = -log(u), including the end near u = 1 where a plain float32 log loses everything
     edge = torch.tensor([0, 1, 2**23 - 1, 2**23, 2**24 - 2, 2**24 - 1], dtype=torch.int64) << 8
     e = sample_op.exponentials(edge)
-    for k, val in zip((edge >> 8).tolist(), e.tolist()):
+    for k, val in zip((edge >> 8).tolist(), e.tolist(), strict=True):
         want = -math.log1p(-(2**24 - k - 0.5) / 2**24) if k >= 2**23 else -math.log((k + 0.5) / 2**24)
         assert val == pytest.approx(want, rel=1e-15)
 

@@ -46,7 +46,7 @@ import torch
 
 from .._errors import ArgumentError
 from .._spec import BoundCall, Cost, OpSpec, TensorRole, dtype_name
-from ._common import FLOATS, nbytes, randn
+from ._common import FLOATS, nbytes
 
 LOGIT_DTYPES = FLOATS
 MASK32 = 0xFFFFFFFF
@@ -262,7 +262,9 @@ def make_inputs(case, gen, device):
         mask[torch.arange(B), logits.masked_fill(mask, float("-inf")).argmax(1)] = False
         mask[:, 0] = False
         logits = logits.masked_fill(mask, float("-inf"))
-    pick = lambda choices: torch.tensor(choices)[torch.randint(0, len(choices), (B,), generator=gen)]
+    def pick(choices):
+        return torch.tensor(choices)[torch.randint(0, len(choices), (B,), generator=gen)]
+
     temperature = torch.rand(B, generator=gen) * 1.2 + 0.3
     top_k = torch.zeros(B, dtype=torch.int32)
     top_p = torch.ones(B)
@@ -280,7 +282,9 @@ def make_inputs(case, gen, device):
         temperature = torch.where(greedy, torch.zeros_like(temperature), temperature)
     seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen, dtype=torch.int64)
     offsets = torch.randint(0, 2**40, (B,), generator=gen, dtype=torch.int64)
-    to = lambda x: x.to(device)
+    def to(t):
+        return t.to(device)
+
     return {
         "logits": to(logits.to(dtype)), "temperature": to(temperature.float()), "top_k": to(top_k),
         "top_p": to(top_p.float()), "min_p": to(min_p.float()), "seeds": to(seeds),
