@@ -1,7 +1,9 @@
 """Op families, one module each. ``ALL_SPECS`` is what the core defines out of the box.
 
 Each module holds the spec (schema + torch reference + generators + cost) and a thin public
-function (``mla_decode(...)``) that validates, selects a kernel through the registry and runs it.
+function of the op's name (``tokenspeed_core.ops.mla_decode.mla_decode(...)``) that validates,
+selects a kernel through the registry and runs it. ``tokenspeed_core.ops.<op>`` is always the
+module.
 """
 
 from __future__ import annotations
@@ -35,9 +37,3 @@ def all_specs() -> list[OpSpec]:
         specs.append(mod.SPEC)
     return specs
 
-
-def __getattr__(name: str):
-    # tokenspeed_core.ops.mla_decode(...) etc.: the public op functions, imported on first use
-    if name in OP_MODULES:
-        return getattr(importlib.import_module(f"{__name__}.{name}"), name)
-    raise AttributeError(name)
