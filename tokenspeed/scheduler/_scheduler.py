@@ -144,12 +144,25 @@ class Scheduler:
         Returns the requests that finished in this commit.
         """
         tok = _int32_array(tokens, "tokens")
-        ns = plan.sample if num_sampled is None else _int32_array(num_sampled, "num_sampled")
         c = self._commit_c
         c.step_id = plan.step_id
-        c.num_entries = len(ns)
-        c.req_ids = ffi.from_buffer("int32_t[]", plan.req_ids)
-        c.num_sampled = ffi.from_buffer("int32_t[]", ns)
+        p = self._plan_c
+        if plan.step_id == p.step_id:
+            # The latest plan: the scheduler's own buffers still hold its ids and sample flags
+            # (they live until the next step), so pass them back without wrapping numpy arrays.
+            c.req_ids = p.req_ids
+            n = p.num_entries
+        else:  # a stale plan: the C++ side rejects it with a clear message
+            c.req_ids = ffi.from_buffer("int32_t[]", plan.req_ids)
+            n = plan.num_entries
+        if num_sampled is None:
+            c.num_sampled = p.sample if plan.step_id == p.step_id else ffi.from_buffer("int32_t[]", plan.sample)
+        else:
+            ns = _int32_array(num_sampled, "num_sampled")
+            if len(ns) != n:
+                raise InvalidArgumentError(f"commit(): num_sampled has {len(ns)} entries, the plan has {n}")
+            c.num_sampled = ffi.from_buffer("int32_t[]", ns)
+        c.num_entries = n
         c.num_tokens = len(tok)
         c.tokens = ffi.from_buffer("int32_t[]", tok)
         if finish is None:
@@ -157,8 +170,8 @@ class Scheduler:
             status = lib.ts_commit(self._handle, c, self._commit_out)
         else:
             flags = np.ascontiguousarray(finish, dtype=np.uint8)
-            if len(flags) != len(ns):
-                raise InvalidArgumentError(f"commit(): finish has {len(flags)} flags, expected {len(ns)}")
+            if len(flags) != n:
+                raise InvalidArgumentError(f"commit(): finish has {len(flags)} flags, expected {n}")
             c.finish = ffi.from_buffer("uint8_t[]", flags)
             status = lib.ts_commit(self._handle, c, self._commit_out)
         if status:

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
     print(f"trace               {result.trace} ({args.backend} scheduler)")
-    print(f"requests            {result.finished}/{result.requests} finished")
+    print(f"requests            {result.finished}/{result.requests} finished"
+          + (f", {result.rejected} rejected (larger than the KV pool)" if result.rejected else ""))
     print(f"prefix_hit_rate     {result.prefix_hit_rate:.4f}  ({result.cached_prompt_tokens:,} of {result.prompt_tokens:,} prompt tokens cached)")
     print(f"preemptions         {result.preemptions}")
     print(f"steps               {result.steps}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenspeed.scheduler import CapacityError
 from tokenspeed.sim.traces import OpenLoopRequest, Session
 
 
@@ -48,6 +49,7 @@ class SimResult:
     trace: str
     requests: int = 0
     finished: int = 0
+    rejected: int = 0  # could never fit the KV pool (CapacityError at submit)
     steps: int = 0
     preemptions: int = 0
     prompt_tokens: int = 0
@@ -91,6 +93,7 @@ class Simulator:
         self.output_tokens = 0
         self.finished = 0
         self.submit_wall = 0.0
+        self.rejected = 0
         self.turn_hits: list[tuple[int, int, int]] = []  # (session, turn, cached tokens at admission)
 
     # One engine step: plan, fake forward pass, commit. Returns finished request ids.
@@ -147,8 +150,13 @@ class Simulator:
                 prompt = sess.prompt_tokens(i)
                 nxt = sess.prompt_tokens(i + 1) if i + 1 < len(sess.turns) else None
                 t_sub = time.perf_counter()
-                rid = self.sched.submit(prompt, turn.output_len)
-                self.submit_wall += time.perf_counter() - t_sub
+                try:
+                    rid = self.sched.submit(prompt, turn.output_len)
+                except CapacityError:  # larger than the whole pool: the session ends here
+                    self.rejected += len(sess.turns) - i
+                    continue
+                finally:
+                    self.submit_wall += time.perf_counter() - t_sub
                 self.live[rid] = _Live(len(prompt), nxt, session=s, turn=i, arrival_s=t)
             if self._idle():
                 self.clock = max(self.clock, arrivals[0][0])
@@ -171,10 +179,15 @@ class Simulator:
                 r = requests[order[nxt]]
                 prompt = r.prompt()
                 t_sub = time.perf_counter()
-                rid = self.sched.submit(prompt, r.output_len)
-                self.submit_wall += time.perf_counter() - t_sub
-                self.live[rid] = _Live(r.prompt_len, None, arrival_s=r.arrival_s * time_scale)
                 nxt += 1
+                try:
+                    rid = self.sched.submit(prompt, r.output_len)
+                except CapacityError:  # larger than the whole pool
+                    self.rejected += 1
+                    continue
+                finally:
+                    self.submit_wall += time.perf_counter() - t_sub
+                self.live[rid] = _Live(r.prompt_len, None, arrival_s=r.arrival_s * time_scale)
             if self._idle():
                 self.clock = max(self.clock, requests[order[nxt]].arrival_s * time_scale)
                 continue
@@ -186,7 +199,7 @@ class Simulator:
         st = self.sched.stats()
         cfg = self.sched.config
         return SimResult(
-            trace=name, requests=total, finished=self.finished, steps=st.steps, preemptions=st.preemptions,
+            trace=name, requests=total, finished=self.finished, rejected=self.rejected, steps=st.steps, preemptions=st.preemptions,
             prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
             output_tokens=self.output_tokens, sim_seconds=round(self.clock, 3), wall_seconds=round(wall, 3),
             scheduler_seconds=round(sum(self.step_wall) + self.submit_wall, 4),
