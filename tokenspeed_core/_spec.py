@@ -192,8 +192,7 @@ class OpSpec:
             )
         dims: dict[str, int] = {}
         tensors: dict[str, torch.Tensor | None] = {}
-        device: torch.device | None = None
-        device_from = ""
+        device, device_from = _common_device(self.roles, kwargs)
         for role in self.inputs:
             t = kwargs.get(role.name)
             if t is None:
@@ -202,15 +201,11 @@ class OpSpec:
                 tensors[role.name] = None
                 continue
             self._check_tensor(role, t, dims, tensors)
-            if device is None:
-                device, device_from = t.device, role.name
-            elif t.device != device:
+            if t.device != device:
                 raise ArgumentError(
-                    self.name, role.name,
-                    f"expected device {device} (the device of '{device_from}'), got {t.device}",
+                    self.name, role.name, f"expected device {device} ({device_from}), got {t.device}",
                 )
             tensors[role.name] = t
-        assert device is not None, f"{self.name} has no required input"
         params = self._bind_params(kwargs)
         for sym, pname in self.dim_params.items():
             if params.get(pname) is not None:
@@ -235,8 +230,7 @@ class OpSpec:
                 self._check_tensor(role, t, dims, tensors)
                 if t.device != device:
                     raise ArgumentError(
-                        self.name, role.name,
-                        f"expected device {device} (the device of '{device_from}'), got {t.device}",
+                        self.name, role.name, f"expected device {device} ({device_from}), got {t.device}",
                     )
             tensors[role.name] = t
         call = BoundCall(self, tensors, params, dims, device)
@@ -344,6 +338,21 @@ class OpSpec:
 
     def with_(self, **changes: Any) -> OpSpec:
         return dataclasses.replace(self, **changes)
+
+
+def _common_device(roles: Sequence[TensorRole], kwargs: Mapping[str, Any]) -> tuple[torch.device, str]:
+    """The device most tensor arguments are on (ties: the earliest), so an error names the odd one out."""
+    seen: dict[torch.device, list[str]] = {}
+    for r in roles:
+        t = kwargs.get(r.name)
+        if isinstance(t, torch.Tensor):
+            seen.setdefault(t.device, []).append(r.name)
+    if not seen:
+        return torch.device("cpu"), "no tensor given"
+    device, names = max(seen.items(), key=lambda kv: len(kv[1]))  # max keeps the first on ties
+    if len(seen) == 1:
+        return device, f"the device of '{names[0]}'"
+    return device, f"the device of {', '.join(repr(n) for n in names)}"
 
 
 def _short(v: Any) -> str:

@@ -52,7 +52,11 @@ def bad_input_variants(spec: OpSpec, args: dict[str, Any]) -> Iterator[tuple[str
             shape[i] += 1
             yield (f"{role.name} dim {i} != {role.shape[i]}",
                    {**args, role.name: torch.zeros(shape, dtype=t.dtype, device=t.device)}, role.name)
-        if role.name != spec.inputs[0].name:
+        # a wrong device is only detectable against other tensors: the majority device wins,
+        # the earliest on a tie
+        others = [n for n, v in args.items() if isinstance(v, torch.Tensor) and n != role.name]
+        first = next(n for n, v in args.items() if isinstance(v, torch.Tensor))
+        if len(others) >= 2 or (others and role.name != first):
             yield (f"{role.name} on device meta", {**args, role.name: t.to("meta")}, role.name)
     for p in spec.params:
         if p.type in (float, int) and p.default is not None:
