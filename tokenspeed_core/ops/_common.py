@@ -22,8 +22,27 @@ ATTENTION_TOL = {
 }
 
 
+# Tensors at least this large are drawn on the target device: benchmark presets hold caches of
+# gigabytes, which the CPU takes minutes to fill. Still reproducible: the device generator is
+# seeded from ``gen``.
+DEVICE_RNG_MIN = 1 << 22
+
+
+def _device_generator(gen: torch.Generator, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    return g
+
+
 def randn(shape, dtype: torch.dtype, gen: torch.Generator, device, scale: float = 1.0) -> torch.Tensor:
-    """Normal random values generated on CPU with ``gen`` (reproducible), then moved."""
+    """Normal random values, reproducible from ``gen`` (drawn on the device when large)."""
+    device = torch.device(device)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if device.type == "cuda" and numel >= DEVICE_RNG_MIN:
+        t = torch.randn(shape, generator=_device_generator(gen, device), dtype=torch.float32, device=device)
+        return (t * scale).to(dtype)
     t = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
     return t.to(dtype).to(device)
 
@@ -62,7 +81,8 @@ def build_paged_cache(
     num_pages = sum(pages_per) + spare_pages
     perm = torch.randperm(num_pages, generator=gen)
     garbage = 64.0 if dtype != torch.float8_e4m3fn else 8.0
-    cache = torch.randn((num_pages, page_size, *row_shape), generator=gen) * (scale * garbage)
+    # drawn where it will live (large caches on the GPU); float32 while values are placed
+    cache = randn((num_pages, page_size, *row_shape), torch.float32, gen, device, scale=scale * garbage)
     table = torch.empty((len(seqlens), max_pages), dtype=torch.int64)
     nxt = 0
     for b, (s, n) in enumerate(zip(seqlens, pages_per, strict=True)):
@@ -72,11 +92,11 @@ def build_paged_cache(
         pad = perm[sum(pages_per) + torch.randint(0, spare_pages, (max_pages - n,), generator=gen)]
         table[b] = torch.cat([own, pad])
         if n:
-            rows = torch.randn((s, *row_shape), generator=gen) * scale
-            flat = cache[own].reshape(n * page_size, *row_shape)
-            flat[:s] = rows
-            cache[own] = flat.reshape(n, page_size, *row_shape)
-    return cache.to(dtype).to(device), table.to(torch.int32).to(device)
+            own_d = own.to(cache.device)
+            flat = cache[own_d].reshape(n * page_size, *row_shape)
+            flat[:s] = randn((s, *row_shape), torch.float32, gen, device, scale=scale)
+            cache[own_d] = flat.reshape(n, page_size, *row_shape)
+    return cache.to(dtype), table.to(torch.int32).to(device)
 
 
 def gather_paged_rows(cache: torch.Tensor, page_table_row: torch.Tensor, n: int) -> torch.Tensor:
