@@ -69,7 +69,7 @@ PrefixCache::PrefixCache(PagePool& pool, int32_t page_size)
       tokens_(static_cast<std::size_t>(pool.num_pages()) * page_size, 0) {
   // Load factor <= 0.5 keeps linear probes short.
   std::size_t cap = std::bit_ceil(static_cast<std::size_t>(pool.num_pages()) * 2 + 2);
-  slots_.assign(cap, Slot{0, -1});
+  slots_.assign(cap, Slot{0, -1, -1});
   mask_ = cap - 1;
 }
 
@@ -78,10 +78,13 @@ uint64_t PrefixCache::key_of(int32_t parent, const int32_t* block) const noexcep
                     page_size_);
 }
 
-bool PrefixCache::holds(int32_t page, int32_t parent, const int32_t* block) const noexcept {
-  return pool_.is_cached(page) && parent_[page] == parent &&
-         std::memcmp(&tokens_[static_cast<std::size_t>(page) * page_size_], block,
+bool PrefixCache::same_tokens(int32_t page, const int32_t* block) const noexcept {
+  return std::memcmp(&tokens_[static_cast<std::size_t>(page) * page_size_], block,
                      sizeof(int32_t) * page_size_) == 0;
+}
+
+bool PrefixCache::holds(int32_t page, int32_t parent, const int32_t* block) const noexcept {
+  return pool_.is_cached(page) && parent_[page] == parent && same_tokens(page, block);
 }
 
 int64_t PrefixCache::find_slot(uint64_t key) const noexcept {
@@ -91,10 +94,10 @@ int64_t PrefixCache::find_slot(uint64_t key) const noexcept {
   }
 }
 
-void PrefixCache::index_insert(uint64_t key, int32_t page) {
+void PrefixCache::index_insert(uint64_t key, int32_t page, int32_t parent) {
   uint64_t i = key & mask_;
   while (slots_[i].page >= 0) i = (i + 1) & mask_;
-  slots_[i] = Slot{key, page};
+  slots_[i] = Slot{key, page, parent};
 }
 
 void PrefixCache::index_erase(uint64_t key) noexcept {
@@ -111,17 +114,28 @@ void PrefixCache::index_erase(uint64_t key) noexcept {
       hole = j;
     }
   }
-  slots_[hole] = Slot{0, -1};
+  slots_[hole] = Slot{0, -1, -1};
 }
 
 int32_t PrefixCache::match(const int32_t* tokens, int32_t max_pages, std::vector<int32_t>& out) const {
+  if (max_pages <= 0) return 0;
   int32_t parent = -1, matched = 0;
+  uint64_t key = key_of(-1, tokens);
+  const std::size_t bytes = sizeof(int32_t) * static_cast<std::size_t>(page_size_);
   for (; matched < max_pages; ++matched) {
     const int32_t* block = tokens + static_cast<std::size_t>(matched) * page_size_;
-    const int64_t s = find_slot(key_of(parent, block));
-    if (s < 0) break;
-    const int32_t page = slots_[s].page;
-    if (!holds(page, parent, block)) break;
+    const int64_t s = find_slot(key);
+    if (s < 0 || slots_[s].parent != parent) break;
+    const int32_t page = slots_[s].page;  // index entries are always cached pages
+    // A long cached prompt is DRAM-bound: start fetching this page's tokens and, assuming the
+    // chain continues, the next block's slot, before verifying (memcmp) this block.
+    const char* stored = reinterpret_cast<const char*>(&tokens_[static_cast<std::size_t>(page) * page_size_]);
+    for (std::size_t off = 0; off < bytes && off < 512; off += 64) __builtin_prefetch(stored + off);
+    if (matched + 1 < max_pages) {
+      key = key_of(page, block + page_size_);
+      __builtin_prefetch(&slots_[key & mask_]);
+    }
+    if (!same_tokens(page, block)) break;
     out.push_back(page);
     parent = page;
   }
@@ -133,9 +147,9 @@ int32_t PrefixCache::insert(int32_t parent, const int32_t* block, int32_t page) 
   const int64_t s = find_slot(key);
   if (s >= 0) {
     const int32_t existing = slots_[s].page;
-    return holds(existing, parent, block) ? existing : -1;
+    return slots_[s].parent == parent && same_tokens(existing, block) ? existing : -1;
   }
-  index_insert(key, page);
+  index_insert(key, page, parent);
   key_[page] = key;
   parent_[page] = parent;
   prev_sibling_[page] = -1;
@@ -195,6 +209,7 @@ std::string PrefixCache::check() const {
     ++indexed;
     if (!pool_.is_cached(s.page)) return "index points at uncached page " + std::to_string(s.page);
     if (key_[s.page] != s.key) return "index key disagrees with page " + std::to_string(s.page);
+    if (parent_[s.page] != s.parent) return "index parent disagrees with page " + std::to_string(s.page);
     if (find_slot(s.key) != static_cast<int64_t>(i)) return "index entry unreachable by probing";
   }
   int32_t cached = 0;

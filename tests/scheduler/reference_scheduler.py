@@ -361,7 +361,7 @@ class ReferenceScheduler:
         toks = [int(t) for t in tokens]
         if len(ns) != len(e) or (finish is not None and len(finish) != len(e)):
             raise InvalidArgumentError("commit(): entry count")
-        for (rid, _, _, sample, drafts, _), x, pid in zip(e, ns, plan.req_ids.tolist()):
+        for (rid, _, _, sample, drafts, _), x, pid in zip(e, ns, plan.req_ids.tolist(), strict=True):
             if pid != rid or not ((1 <= x <= 1 + drafts) if sample else x == 0):
                 raise InvalidArgumentError("commit(): bad entry")
         if sum(ns) != len(toks) or any(t < 0 for t in toks):

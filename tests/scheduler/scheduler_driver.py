@@ -125,19 +125,19 @@ class WorkloadDriver:
             del self.live[f.req_id]
 
     def _apply_deltas(self, plan) -> None:
-        for row, n in zip(plan.truncate_rows.tolist(), plan.truncate_lens.tolist()):
+        for row, n in zip(plan.truncate_rows.tolist(), plan.truncate_lens.tolist(), strict=True):
             if n == 0:
                 self.rows.pop(row, None)
             else:
                 del self.rows[row][n:]
-        for row, rid in zip(plan.new_rows.tolist(), plan.new_row_reqs.tolist()):
-            assert row not in self.rows, f"row {row} handed out twice"
+        for row, rid in zip(plan.new_rows.tolist(), plan.new_row_reqs.tolist(), strict=True):
+            assert row not in self.rows, f"row {row} handed out twice (to request {rid})"
             self.rows[row] = []
-        for row, slot, page in zip(plan.append_rows.tolist(), plan.append_slots.tolist(), plan.append_pages.tolist()):
+        for row, slot, page in zip(plan.append_rows.tolist(), plan.append_slots.tolist(), plan.append_pages.tolist(), strict=True):
             assert slot == len(self.rows[row]), "append not at the end of its row"
             self.rows[row].append(page)
         if self.check_kv:
-            for row, rid in zip(plan.new_rows.tolist(), plan.new_row_reqs.tolist()):
+            for row, rid in zip(plan.new_rows.tolist(), plan.new_row_reqs.tolist(), strict=True):
                 i = plan.req_ids.tolist().index(rid)
                 ctx = int(plan.context_lens[i])
                 self.hits += ctx

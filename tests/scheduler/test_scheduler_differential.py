@@ -26,7 +26,7 @@ def test_cpp_matches_reference(config, seed):
         driver.run(3000, check_every=500)
         driver.drain()
     assert len(cpp.plans) == len(ref.plans)
-    for i, (a, b) in enumerate(zip(cpp.plans, ref.plans)):
+    for i, (a, b) in enumerate(zip(cpp.plans, ref.plans, strict=True)):
         assert a == b, f"plans differ at step {i}:\nC++: {a}\nref: {b}"
     assert cpp.finished == ref.finished
     assert cpp.sched.stats() == ref.sched.stats()

@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-
 _FIELDS = ("req_ids", "rows", "query_start", "context_lens", "sample", "draft_slots", "input_tokens",
            "positions", "truncate_rows", "truncate_lens", "new_rows", "new_row_reqs", "append_rows",
            "append_slots", "append_pages")
@@ -52,7 +51,7 @@ class Plan:
         views = self._views
         if views is None:
             views, o = {}, 0
-            for name, n in zip(_FIELDS, self._bounds):
+            for name, n in zip(_FIELDS, self._bounds, strict=True):
                 views[name] = (o, o + n)
                 o += n
             self._views = views

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,11 @@ except ImportError as exc:  # pragma: no cover - only without a built extension
     ) from exc
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT32 = np.dtype(np.int32)
+# Hot-path names bound once (step/commit run thousands of times per second).
+_ts_step, _ts_commit = lib.ts_step, lib.ts_commit
+_ffi_buffer, _from_buffer, _frombuffer = ffi.buffer, ffi.from_buffer, np.frombuffer
+_plan_from_arena = Plan.from_arena
 
 
 def _raise_for(status: int) -> None:
@@ -96,7 +101,9 @@ class Scheduler:
         self._commit_c = ffi.new("ts_commit_input*")
         self._commit_out = ffi.new("ts_commit_output*")
         self._id_out = ffi.new("int32_t*")
-        self._last_plan: Plan | None = None
+        self._commit_c.finish = ffi.NULL
+        self._finish_set = False
+        self._pending_step = -1
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int] | np.ndarray, max_new_tokens: int,
@@ -124,15 +131,15 @@ class Scheduler:
     # -- step protocol ----------------------------------------------------------------------
     def step(self) -> Plan:
         p = self._plan_c
-        status = lib.ts_step(self._handle, p)
+        status = _ts_step(self._handle, p)
         if status:
             _raise_for(status)
         # One copy of the arena: the C++ buffers are reused next step, our arrays must not be.
-        arena = np.frombuffer(ffi.buffer(p.arena, 4 * p.arena_len), dtype=np.int32).copy()
-        plan = Plan.from_arena(p.step_id, arena, p.num_entries, p.num_tokens, p.num_truncates,
-                               p.num_new_rows, p.num_appends)
-        self._last_plan = plan
-        return plan
+        arena = _frombuffer(_ffi_buffer(p.arena, p.arena_len << 2), _INT32).copy()
+        step_id = p.step_id
+        self._pending_step = step_id
+        return _plan_from_arena(step_id, arena, p.num_entries, p.num_tokens, p.num_truncates,
+                                p.num_new_rows, p.num_appends)
 
     def commit(self, plan: Plan, tokens, num_sampled=None, finish=None) -> list[Finished]:
         """Reports a plan's results.
@@ -143,44 +150,53 @@ class Scheduler:
         ``finish``: optional per-entry flags, the engine ending a request itself.
         Returns the requests that finished in this commit.
         """
-        tok = _int32_array(tokens, "tokens")
+        if type(tokens) is np.ndarray and tokens.dtype == _INT32 and tokens.flags.c_contiguous:
+            tok = tokens  # the hot path: no conversion, no copy
+        else:
+            tok = _int32_array(tokens, "tokens")
         c = self._commit_c
-        c.step_id = plan.step_id
-        p = self._plan_c
-        if plan.step_id == p.step_id:
-            # The latest plan: the scheduler's own buffers still hold its ids and sample flags
-            # (they live until the next step), so pass them back without wrapping numpy arrays.
+        step_id = plan.step_id
+        c.step_id = step_id
+        latest = step_id == self._pending_step
+        if latest:
+            # The scheduler's own buffers still hold this plan's ids and sample flags (they live
+            # until the next step), so pass them back instead of wrapping numpy arrays.
+            p = self._plan_c
             c.req_ids = p.req_ids
-            n = p.num_entries
+            n = plan.num_entries
         else:  # a stale plan: the C++ side rejects it with a clear message
-            c.req_ids = ffi.from_buffer("int32_t[]", plan.req_ids)
+            c.req_ids = _from_buffer("int32_t[]", plan.req_ids)
             n = plan.num_entries
         if num_sampled is None:
-            c.num_sampled = p.sample if plan.step_id == p.step_id else ffi.from_buffer("int32_t[]", plan.sample)
+            c.num_sampled = p.sample if latest else _from_buffer("int32_t[]", plan.sample)
         else:
             ns = _int32_array(num_sampled, "num_sampled")
             if len(ns) != n:
                 raise InvalidArgumentError(f"commit(): num_sampled has {len(ns)} entries, the plan has {n}")
-            c.num_sampled = ffi.from_buffer("int32_t[]", ns)
+            c.num_sampled = _from_buffer("int32_t[]", ns)
         c.num_entries = n
         c.num_tokens = len(tok)
-        c.tokens = ffi.from_buffer("int32_t[]", tok)
+        c.tokens = _from_buffer("int32_t[]", tok)
         if finish is None:
-            c.finish = ffi.NULL
-            status = lib.ts_commit(self._handle, c, self._commit_out)
+            if self._finish_set:
+                c.finish = ffi.NULL
+                self._finish_set = False
+            status = _ts_commit(self._handle, c, self._commit_out)
         else:
             flags = np.ascontiguousarray(finish, dtype=np.uint8)
             if len(flags) != n:
                 raise InvalidArgumentError(f"commit(): finish has {len(flags)} flags, expected {n}")
-            c.finish = ffi.from_buffer("uint8_t[]", flags)
-            status = lib.ts_commit(self._handle, c, self._commit_out)
+            c.finish = _from_buffer("uint8_t[]", flags)
+            self._finish_set = True
+            status = _ts_commit(self._handle, c, self._commit_out)
         if status:
             _raise_for(status)
         out = self._commit_out
-        if out.num_finished == 0:
+        num_finished = out.num_finished
+        if num_finished == 0:
             return []
         return [Finished(int(out.finished_ids[i]), FINISH_REASONS[int(out.finished_reasons[i])])
-                for i in range(out.num_finished)]
+                for i in range(num_finished)]
 
     # -- introspection ----------------------------------------------------------------------
     def check_invariants(self) -> str:

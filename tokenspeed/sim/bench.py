@@ -135,6 +135,24 @@ def bench_replay(traces_dir: str, sessions: int = 8) -> dict:
     return out
 
 
+def bench_replay_mooncake(traces_dir: str, limit: int = 2000) -> dict:
+    """The same Mooncake open-loop replay (first `limit` requests) through both schedulers."""
+    from tokenspeed.sim.cli import MOONCAKE_DEFAULT_KV_TOKENS, load_reference_scheduler
+    from tokenspeed.sim.simulator import Simulator
+    from tokenspeed.sim.traces import load_mooncake
+
+    out = {"requests": limit}
+    for label, cls in (("cpp", Scheduler), ("reference", load_reference_scheduler())):
+        workload = load_mooncake(os.path.join(traces_dir, "mooncake_conversation_trace.jsonl.gz"), limit)
+        sched = cls(page_size=64, num_pages=MOONCAKE_DEFAULT_KV_TOKENS // 64, max_batch_tokens=8192,
+                    max_batch_size=256)
+        res = Simulator(sched).run_open_loop(workload)
+        out[label] = {"scheduler_seconds": res.scheduler_seconds, "steps": res.steps,
+                      "step_us": res.step_us, "prefix_hit_rate": round(res.prefix_hit_rate, 4)}
+    out["speedup"] = round(out["reference"]["scheduler_seconds"] / out["cpp"]["scheduler_seconds"], 1)
+    return out
+
+
 def bench_prefix_reuse(traces_dir: str, sessions: int | None = None) -> dict:
     """Per agent turn: cached tokens at admission against the true reusable prefix (the longest
     common prefix of this prompt with the previous turn's prompt + reply)."""
@@ -181,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokenspeed.sim.bench", description=__doc__)
     p.add_argument("--traces", default=os.path.join("..", "shared", "traces"), help="shared/traces folder")
     p.add_argument("--replay-sessions", type=int, default=8)
-    p.add_argument("--only", nargs="*", default=None, help="decode blocked admission replay reuse")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="subset of: decode blocked admission replay replay_mooncake reuse")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     cases = {
@@ -189,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "blocked": bench_blocked_queue,
         "admission": bench_cached_admission,
         "replay": lambda: bench_replay(args.traces, args.replay_sessions),
+        "replay_mooncake": lambda: bench_replay_mooncake(args.traces),
         "reuse": lambda: bench_prefix_reuse(args.traces),
     }
     results = {"machine": machine()}
     for name, fn in cases.items():
         if args.only and name not in args.only:
             continue
-        if name in ("replay", "reuse") and not os.path.isdir(os.path.join(args.traces, "agentic")):
+        if name in ("replay", "replay_mooncake", "reuse") and not os.path.isdir(os.path.join(args.traces, "agentic")):
             results[name] = "skipped: traces not found"
             continue
         results[name] = fn()

@@ -122,7 +122,7 @@ class Simulator:
         for live in first:  # the first token exists once this step's forward pass is over
             live.first_token_s = self.clock
             self.ttft.append(self.clock - live.arrival_s)
-        for rid, row in zip(plan.new_row_reqs.tolist(), plan.new_rows.tolist()):
+        for rid, _row in zip(plan.new_row_reqs.tolist(), plan.new_rows.tolist(), strict=True):
             live = self.live.get(rid)
             if live is not None and live.cached_at_admission < 0:  # first admission only
                 i = int(np.flatnonzero(req_ids == rid)[0])

@@ -51,12 +51,14 @@ class PrefixCache {
  private:
   struct Slot {
     uint64_t key;
-    int32_t page;  // -1: empty
+    int32_t page;    // -1: empty
+    int32_t parent;  // copy of parent_[page]: a lookup verifies without touching per-page arrays
   };
   [[nodiscard]] uint64_t key_of(int32_t parent, const int32_t* block) const noexcept;
   [[nodiscard]] bool holds(int32_t page, int32_t parent, const int32_t* block) const noexcept;
+  [[nodiscard]] bool same_tokens(int32_t page, const int32_t* block) const noexcept;
   [[nodiscard]] int64_t find_slot(uint64_t key) const noexcept;  // -1 if absent
-  void index_insert(uint64_t key, int32_t page);
+  void index_insert(uint64_t key, int32_t page, int32_t parent);
   void index_erase(uint64_t key) noexcept;
   void uncache_subtree(int32_t page);
   void evict_one();
