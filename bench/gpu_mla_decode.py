@@ -49,7 +49,7 @@ def do_bench(fn, rep=200):
     if DEV == "cuda":
         import triton
 
-        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
@@ -66,7 +66,6 @@ def ceilings() -> dict:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), rep=300)
     copy_gbs = 2 * n / ms / 1e6
-    del src, dst
     k = 8192 if DEV == "cuda" else 512
     a = torch.randn(k, k, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(k, k, device=DEV, dtype=torch.bfloat16)
@@ -187,12 +186,12 @@ def gpu_inputs(case: dict, seed: int = 0) -> dict:
     }
 
 
-def bench_case(case: dict, config=None, spot_check=True) -> dict:
+def bench_case(case: dict, config=None, spot_check=True, num_splits=None, graph=False) -> dict:
     inp = gpu_inputs(case)
     B, Q, H, _ = inp["q"].shape
     out = torch.full((B, Q, H, 512), float("nan"), dtype=inp["q"].dtype, device=DEV)
     lse = torch.full((B, Q, H), float("nan"), dtype=torch.float32, device=DEV)
-    fn = lambda: run_triton(inp, out, lse, config=config)  # noqa: E731
+    fn = lambda: run_triton(inp, out, lse, config=config, num_splits=num_splits)  # noqa: E731
     fn()
     sync()
     row = {}
@@ -201,7 +200,31 @@ def bench_case(case: dict, config=None, spot_check=True) -> dict:
         ref_out, ref_lse = reference64(inp, sel)
         ok, msg = compare(out[sel], lse[sel], ref_out, ref_lse, inp["q"].dtype)
         row.update(ok=ok, check=msg)
-    ms = do_bench(fn)
+    ms = do_bench(fn, rep=100)
+    if graph and DEV == "cuda":
+        # decode runs under CUDA graphs: time the replay too (no Python launch cost), and prove
+        # the captured graph is right for other lengths (the plan never read the values)
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+            with torch.cuda.graph(g, stream=stream):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        row["graph_us"] = do_bench(g.replay, rep=100) * 1e3
+        lens = inp["cache_seqlens"]
+        lens.copy_(torch.randint(Q, int(lens.max()) + 1, lens.shape, device=DEV, dtype=torch.int32))
+        out.fill_(float("nan"))
+        g.replay()
+        sync()
+        sel = torch.tensor(sorted({0, B - 1}), device=DEV)
+        ref_out, ref_lse = reference64(inp, sel)
+        ok, msg = compare(out[sel], lse[sel], ref_out, ref_lse, inp["q"].dtype)
+        row["graph_ok"] = ok
+        if not ok:
+            row["graph_check"] = msg
+        del g
     s = case["seqlen"]
     row_bytes = 576 * inp["kv_cache"].element_size()
     nbytes = B * s * row_bytes + inp["q"].numel() * inp["q"].element_size() + out.numel() * out.element_size()
@@ -209,11 +232,11 @@ def bench_case(case: dict, config=None, spot_check=True) -> dict:
     cfg = config or TK.pick_config(Q * H, inp["q"].dtype, inp["kv_cache"].dtype)
     rows = Q * H
     mb = math.ceil(rows / cfg.block_m) * (2 if cfg.dv_halves else 1)
-    splits = TK.plan_splits(B, mb, inp["page_table"].shape[1] * inp["kv_cache"].shape[1], cfg.block_n,
-                            TK._sm_count(torch.device(DEV)), rows=rows, dv=512, row_bytes=row_bytes)
+    splits = num_splits or TK.plan_splits(B, mb, inp["page_table"].shape[1] * inp["kv_cache"].shape[1],
+                                          cfg.block_n, TK._sm_count(torch.device(DEV)) * cfg.ctas_per_sm,
+                                          rows=rows, dv=512, row_bytes=row_bytes)
     row.update(us=ms * 1e3, GBps=nbytes / ms / 1e6, TFLOPs=flops / ms / 1e9, config=cfg.describe(),
                splits=splits)
-    del inp, out, lse
     return row
 
 
@@ -224,7 +247,7 @@ def device_name() -> str:
 def load_anchors() -> dict:
     name = device_name()
     fname = "mla-decode-h200.md" if "H200" in name else "mla-decode-h100.md"
-    for base in (os.path.join(ROOT, "shared", "anchors"), "/work/shared/anchors"):
+    for base in (os.path.join(ROOT, ".bench_anchors"), "/work/shared/anchors"):
         path = os.path.join(base, fname)
         if os.path.exists(path):
             break
@@ -240,11 +263,12 @@ def load_anchors() -> dict:
 
 
 SWEEP = {
-    # class -> candidate configs; the shapes each class is timed on
-    16: [TK.Config(16, 32, 8, 2), TK.Config(16, 64, 8, 2), TK.Config(16, 32, 4, 3), TK.Config(16, 32, 8, 3),
-         TK.Config(16, 64, 4, 2)],
-    64: [TK.Config(64, 32, 8, 2), TK.Config(64, 16, 8, 3), TK.Config(64, 32, 4, 2, True),
-         TK.Config(64, 32, 8, 2, True), TK.Config(64, 64, 8, 2, True)],
+    # class -> (config, forced split count or None); the shapes each class is timed on.
+    # run 1 (H200): M16 N64 w8 best at 1 program/SM (53% of copy); M64 N32 w8 best (158 TF).
+    # run 2: M16 N32 w4 with 4 splits (2 programs/SM) 65% of copy; more splits for w8 did nothing.
+    # run 3: neighbours of the new M16 default, and M64 variants that spill a little.
+    16: [(TK.Config(16, 32, 4, 3), sp) for sp in (4, 8)] + [(TK.Config(16, 16, 4, 2), 4)],
+    64: [(TK.Config(64, 64, 8, 2), None), (TK.Config(64, 32, 8, 3), None)],
 }
 SWEEP_SHAPES = {
     16: [dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
@@ -298,11 +322,12 @@ def main():
             for shape in SWEEP_SHAPES[cls]:
                 if DEV == "cpu":
                     shape = dict(shape, B=1, seqlen=40)
-                for cfg in cfgs:
+                for cfg, sp in cfgs:
                     try:
-                        r = bench_case(shape, config=cfg)
+                        r = bench_case(shape, config=cfg, num_splits=sp)
                     except Exception as exc:
                         r = {"error": f"{type(exc).__name__}: {exc}"[:300], "config": cfg.describe()}
+                    r["config"] = r.get("config", "") + f" sp={r.get('splits')}"
                     r["case"] = SPEC.label(shape)
                     result["sweep"].append(r)
                     log(f"[sweep] {r['case']:<48} {r.get('config')} "
@@ -320,7 +345,7 @@ def main():
                 continue
             seen.add(key)
             try:
-                r = bench_case(case)
+                r = bench_case(case, graph=True)
             except Exception as exc:
                 r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 traceback.print_exc()
@@ -331,8 +356,10 @@ def main():
                 r["pct_gemm"] = 100 * r["TFLOPs"] / ceil["gemm_bf16_TFLOPs"]
                 a = anchors.get((case["B"], case["seqlen"], case["H"], case["q_len"]))
                 if a and not r["fp8"]:
-                    r["x_flashmla"] = r["us"] / a["flashmla_us"]
-                    r["x_sglang"] = r["us"] / a["sglang_us"]
+                    t = r.get("graph_us", r["us"])  # decode runs under graphs; eager kept in "us"
+                    r["x_flashmla"] = t / a["flashmla_us"]
+                    r["x_sglang"] = t / a["sglang_us"]
+                    r["x_flashmla_eager"] = r["us"] / a["flashmla_us"]
             rows.append(r)
             result["rows"] = rows
             save()
@@ -341,18 +368,21 @@ def main():
     for r in rows:
         one = by.get((r["B"], r["s"], r["H"], 1, r["fp8"]))
         if "us" in r and r["q_len"] > 1 and one:
-            r["x_qlen1"] = r["us"] / one["us"]
+            r["x_qlen1"] = r.get("graph_us", r["us"]) / one.get("graph_us", one["us"])
     save()
     log(f"\n{result['device']} | copy {ceil['copy_GBps']:.0f} GB/s | GEMM {ceil['gemm_bf16_TFLOPs']:.0f} TFLOP/s | "
         f"triton {result['triton']} | {time.time() - t0:.0f}s")
-    log(f"{'case':<44}{'cfg':<18}{'spl':>4}{'us':>9}{'%copy':>7}{'%gemm':>7}{'xFMLA':>7}{'xSGL':>6}{'xq1':>6} ok")
+    log(f"{'case':<44}{'cfg':<18}{'spl':>4}{'us':>9}{'graph':>8}{'%copy':>7}{'%gemm':>7}{'xFMLA':>7}{'xSGL':>6}{'xq1':>6} ok")
     for r in rows:
         if "us" not in r:
             log(f"{r['case']:<44} ERROR {r.get('error')}")
             continue
-        f = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
-        log(f"{r['case'][:43]:<44}{r['config']:<18}{r['splits']:>4}{r['us']:>9.1f}{r['pct_copy']:>7.1f}"
-            f"{r['pct_gemm']:>7.1f}{f('x_flashmla'):>7}{f('x_sglang'):>6}{f('x_qlen1'):>6} {r.get('ok')}")
+        def f(k, r=r):
+            return f"{r[k]:.2f}" if k in r else "-"
+        g = f"{r['graph_us']:.1f}" if "graph_us" in r else "-"
+        log(f"{r['case'][:43]:<44}{r['config']:<18}{r['splits']:>4}{r['us']:>9.1f}{g:>8}{r['pct_copy']:>7.1f}"
+            f"{r['pct_gemm']:>7.1f}{f('x_flashmla'):>7}{f('x_sglang'):>6}{f('x_qlen1'):>6} {r.get('ok')}"
+            f"{'' if r.get('graph_ok', True) else ' GRAPH-FAIL'}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class Config:
     num_warps: int
     num_stages: int
     dv_halves: bool = False  # two programs per row block, each owning half of the latent output
+    # resident programs per SM (registers / shared memory of the compiled kernel, read off
+    # cuobjdump on sm_90); the planner fills ctas_per_sm x SMs slots
+    ctas_per_sm: int = 1
 
     def describe(self) -> str:
         h = "/dv2" if self.dv_halves else ""
@@ -54,14 +57,14 @@ def pick_config(rows: int, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> Co
     block_m = min(MAX_BLOCK_M, max(16, _pow2(rows)))
     if q_dtype == torch.float32:  # CPU tests and odd callers: correctness, not speed
         return Config(block_m, 32, 4, 1)
-    if block_m == 16:
-        return Config(16, 64, 4, 2)
+    if block_m == 16:  # mma.sync path: one KV buffer per program, so occupancy carries the bytes in flight
+        return Config(16, 32, 4, 2, ctas_per_sm=2)  # 197 regs x 128 threads, 56 KB smem
     if block_m == 32:
-        return Config(32, 64, 4, 2)
-    return Config(64, 32, 8, 2)
+        return Config(32, 64, 8, 2)  # 198 regs, 112 KB smem
+    return Config(64, 32, 8, 2)  # wgmma; 255 regs, 144 KB smem
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few pretend SMs, so planning logic is exercised
@@ -128,7 +131,7 @@ def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_
     page_size = kv_cache.shape[1]
     if num_splits is None:
         num_splits = plan_splits(B, m_blocks * dv_blocks, page_table.shape[1] * page_size, cfg.block_n,
-                                 _sm_count(q.device), rows=rows, dv=dv,
+                                 _sm_count(q.device) * cfg.ctas_per_sm, rows=rows, dv=dv,
                                  row_bytes=D * kv_cache.element_size())
     upcast = _interpreting() or q.dtype == torch.float32
     ieee = q.dtype == torch.float32
