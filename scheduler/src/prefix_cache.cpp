@@ -118,24 +118,35 @@ void PrefixCache::index_erase(uint64_t key) noexcept {
 }
 
 int32_t PrefixCache::match(const int32_t* tokens, int32_t max_pages, std::vector<int32_t>& out) const {
-  if (max_pages <= 0) return 0;
+  // Below a cached page, follow its child list (a conversation usually has one continuation):
+  // one pointer hop and one compare per page instead of a hash probe into a table far larger than
+  // the CPU caches. Many children (a shared system prompt) fall back to the hash index. Both find
+  // the same page: cached (parent, tokens) pairs are unique.
+  constexpr int kMaxChildScan = 4;
   int32_t parent = -1, matched = 0;
-  uint64_t key = key_of(-1, tokens);
-  const std::size_t bytes = sizeof(int32_t) * static_cast<std::size_t>(page_size_);
   for (; matched < max_pages; ++matched) {
     const int32_t* block = tokens + static_cast<std::size_t>(matched) * page_size_;
-    const int64_t s = find_slot(key);
-    if (s < 0 || slots_[s].parent != parent) break;
-    const int32_t page = slots_[s].page;  // index entries are always cached pages
-    // A long cached prompt is DRAM-bound: start fetching this page's tokens and, assuming the
-    // chain continues, the next block's slot, before verifying (memcmp) this block.
-    const char* stored = reinterpret_cast<const char*>(&tokens_[static_cast<std::size_t>(page) * page_size_]);
-    for (std::size_t off = 0; off < bytes && off < 512; off += 64) __builtin_prefetch(stored + off);
-    if (matched + 1 < max_pages) {
-      key = key_of(page, block + page_size_);
-      __builtin_prefetch(&slots_[key & mask_]);
+    int32_t page = -1;
+    bool scanned_all = false;
+    if (parent >= 0) {
+      int scanned = 0;
+      int32_t c = first_child_[parent];
+      for (; c >= 0 && scanned < kMaxChildScan; c = next_sibling_[c], ++scanned) {
+        if (same_tokens(c, block)) {
+          page = c;
+          break;
+        }
+      }
+      scanned_all = page < 0 && c < 0;
     }
-    if (!same_tokens(page, block)) break;
+    if (page < 0 && !scanned_all) {
+      const int64_t s = find_slot(key_of(parent, block));
+      if (s >= 0 && slots_[s].parent == parent && same_tokens(slots_[s].page, block)) page = slots_[s].page;
+    }
+    if (page < 0) break;
+    // Long cached prompts are DRAM-bound: start fetching the likely next page's tokens now.
+    const int32_t next = first_child_[page];
+    if (next >= 0) __builtin_prefetch(&tokens_[static_cast<std::size_t>(next) * page_size_]);
     out.push_back(page);
     parent = page;
   }
