@@ -47,7 +47,8 @@ def test_registration_without_gpu():
     reg = _registry()
     impls = {i.backend: i for i in reg.implementations("mla_decode")}
     sm90, sm100 = impls["cute"], impls["cute_sm100"]
-    assert sm90.priority == Priority.SPECIALISED and sm90.capability == ((9, 0), (9, 0))
+    # below Triton until it is faster (docs/perf/cute.md): selected only when forced
+    assert sm90.priority < Priority.PORTABLE and sm90.capability == ((9, 0), (9, 0))
     assert sm90.unavailable == cute_mla.missing_dependency()
     assert sm100.unavailable and "compiled, not run on hardware" in sm100.status
     # on this CPU the reference is selected, and the cute entries say why they are not

@@ -64,3 +64,19 @@ def test_in_out_role_must_be_passed():
         assert "'kv_cache': in-out tensor is required" in str(exc)
     else:
         raise AssertionError("missing in-out tensor accepted")
+
+
+def test_unavailable_backends_are_listed_not_failed_but_cannot_pass_alone():
+    from tokenspeed_core.testing import check_plugin
+
+    reg = tc.build_registry(entry_points=False)
+    with reg.registering_as("p"):
+        reg.register("kv_cache_write", kvw.reference, backend="p_ok")
+        reg.register("kv_cache_write", kvw.reference, backend="p_later", unavailable="needs hardware X")
+    rep = check_plugin("p", registry=reg, size="small", device="cpu")
+    assert rep.ok, rep.format()
+    assert "not checked, unavailable: needs hardware X" in rep.format()
+    reg.unregister_plugin("p")
+    with reg.registering_as("q"):
+        reg.register("kv_cache_write", kvw.reference, backend="q_later", unavailable="needs hardware X")
+    assert not check_plugin("q", registry=reg, size="small", device="cpu").ok

@@ -198,25 +198,13 @@ SM100_UNAVAILABLE = (
 )
 
 
-def rank(sig) -> int:
-    """Priority for a signature: step below the portable Triton kernel where it measured faster.
-
-    The mma.sync kernel fills a 64-row tile per CTA; with H * q_len < 64 most rows are padding and
-    the kernel is tensor-core bound at ~30% of copy bandwidth (H200: B=64, H=16, q_len=1, s_k=16K
-    took 964 us against Triton's 734 us). It can still be forced with TOKENSPEED_KERNEL_MLA_DECODE.
-    """
-    from tokenspeed_core import Priority
-
-    return Priority.SPECIALISED if sig.dim("H") * sig.dim("Q") >= 64 else Priority.PORTABLE - 10
-
-
 def register(registry, backend: str, priority) -> None:
     # No GPU needs no reason here: selection rejects non-CUDA devices and other capabilities
     # itself, and says so in explain().
     missing = missing_dependency()
     registry.register(
         OP, mla_decode, backend=backend, devices=("cuda",), capability=((9, 0), (9, 0)),
-        dtypes=DTYPES, supports=supports, priority=priority, rank=rank,
+        dtypes=DTYPES, supports=supports, priority=priority,
         doc="CuTe DSL MLA decode, sm_90a (q_len folded into heads, split-KV + combine, LSE)",
         status=SM90_STATUS, unavailable=missing,
     )
@@ -232,4 +220,4 @@ def _sm100_not_available(**kwargs) -> None:  # never selected: registered as una
     raise RuntimeError(SM100_UNAVAILABLE)
 
 
-__all__ = ["compile_kernel", "mla_decode", "num_splits", "rank", "register", "shape_classes", "supports"]
+__all__ = ["compile_kernel", "mla_decode", "num_splits", "register", "shape_classes", "supports"]

@@ -21,4 +21,8 @@ def missing_dependency() -> str:
 @tokenspeed_core.hookimpl
 def tokenspeed_register_kernels(registry: Registry) -> None:
     if mla_decode.OP in registry.specs:
-        mla_decode.register(registry, BACKEND, Priority.SPECIALISED)
+        # Correct on Hopper (conformance, H200) but slower than the Triton kernel on every preset
+        # row measured with graph replay (docs/perf/cute.md): it stands below the portable band,
+        # so it is used only when forced (TOKENSPEED_KERNEL_MLA_DECODE=cute) until the wgmma/TMA
+        # version beats Triton; then it moves up to Priority.SPECIALISED.
+        mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10)
