@@ -130,13 +130,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.shape:
             cases = [parse_shape(s) for s in args.shape]
         else:
-            preset = args.preset or ("small" if device.type == "cpu" else None)
-            if preset is None:
-                preset = "small" if "small" not in spec.presets or len(spec.presets) == 1 else \
-                    next(p for p in spec.presets if p != "small")
+            preset = args.preset or _default_preset(spec, device)
             if preset not in spec.presets:
                 console.print(f"[red]{op}: no preset '{preset}'; presets: {sorted(spec.presets)}[/]")
-                return 2
+                if len(ops) == 1:
+                    return 2
+                continue
             cases = spec.presets[preset]
         backends = args.backends.split(",") if args.backends else None
         with Progress(console=console, transient=True) as progress:
@@ -151,6 +150,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(args.csv, all_rows, ceilings)
     return 1 if any(r.error and not r.error.startswith("unsupported") for r in all_rows) else 0
+
+
+def _default_preset(spec, device) -> str:
+    """CPU: "small". GPU: "large" where the op has one, else its first preset after "small"."""
+    if device.type == "cpu" or len(spec.presets) == 1:
+        return "small" if "small" in spec.presets else next(iter(spec.presets))
+    if "large" in spec.presets:
+        return "large"
+    return next(p for p in spec.presets if p != "small")
 
 
 def _print_bench(rows, ceilings) -> None:

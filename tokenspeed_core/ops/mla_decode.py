@@ -203,7 +203,6 @@ SPEC = OpSpec(
     presets={
         "small": [dict(B=2, q_len=1, H=16, page_size=64, seqlen=512, ragged=False, dtype=torch.float32),
                   dict(B=2, q_len=4, H=16, page_size=64, seqlen=512, ragged=False, dtype=torch.float32)],
-        "anchor": _anchor_rows(),
         "memory": [dict(B=b, q_len=1, H=16, page_size=64, seqlen=s, ragged=False, dtype=torch.bfloat16)
                    for b in (64, 128) for s in (16384, 65536)],
         "compute": [dict(B=b, q_len=ql, H=h, page_size=64, seqlen=16384, ragged=False, dtype=torch.bfloat16)
@@ -214,6 +213,7 @@ SPEC = OpSpec(
                     for h in (16, 128) for s in (16384, 65536)],
         "fp8": [dict(B=64, q_len=ql, H=16, page_size=64, seqlen=16384, ragged=False, dtype=torch.bfloat16,
                      cache_dtype=torch.float8_e4m3fn) for ql in (1, 4)],
+        "anchor": _anchor_rows(),  # the 48 rows of ../shared/anchors/mla-decode-*.md
     },
 )
 
