@@ -153,7 +153,11 @@ ts_status ts_get_stats(ts_scheduler* s, ts_stats* out) {
 }
 
 ts_status ts_match_prefix(ts_scheduler* s, const int32_t* tokens, int32_t len, int32_t* out_cached_tokens) {
-  if (!s || !out_cached_tokens || (!tokens && len > 0) || len < 0) return null_argument("ts_match_prefix");
+  if (!s || !out_cached_tokens || (!tokens && len > 0)) return null_argument("ts_match_prefix");
+  if (len < 0) {
+    g_last_error = "ts_match_prefix: negative length";
+    return TS_ERR_INVALID_ARGUMENT;
+  }
   return guarded([&] { *out_cached_tokens = s->impl.match_prefix({tokens, static_cast<std::size_t>(len)}); });
 }
 

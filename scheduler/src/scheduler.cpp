@@ -9,6 +9,8 @@ namespace {
 
 [[noreturn]] void fail(ErrorCode code, const std::string& what) { throw Error(code, what); }
 
+constexpr int32_t kMaxBatchSize = 1 << 20;  // rows are preallocated: refuse absurd sizes up front
+
 inline int32_t ceil_div(int64_t a, int64_t b) { return static_cast<int32_t>((a + b - 1) / b); }
 
 }  // namespace
@@ -55,6 +57,8 @@ Scheduler::Scheduler(const Config& c) : config_(c), pool_(std::max(c.num_pages, 
          "num_draft_slots >= 0");
   if (static_cast<int64_t>(c.page_size) * c.num_pages > std::numeric_limits<int32_t>::max())
     fail(ErrorCode::kInvalidArgument, "config: page_size * num_pages exceeds 2^31 - 1 tokens");
+  if (c.max_batch_size > kMaxBatchSize)
+    fail(ErrorCode::kInvalidArgument, "config: max_batch_size must be <= " + std::to_string(kMaxBatchSize));
   if (c.max_batch_tokens < 1 + c.num_draft_slots)
     fail(ErrorCode::kInvalidArgument, "config: max_batch_tokens must be >= 1 + num_draft_slots");
   for (int32_t r = c.max_batch_size - 1; r >= 0; --r) free_rows_.push_back(r);

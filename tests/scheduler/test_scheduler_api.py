@@ -188,3 +188,14 @@ def test_extension_is_not_stale():
         pytest.skip("extension not built in-tree")
     newest = max(p.stat().st_mtime for p in [*sched.glob("src/*.cpp"), *sched.glob("include/**/*.h*")])
     assert so.stat().st_mtime >= newest, "stale tokenspeed._scheduler_cffi: rerun `pip install --no-build-isolation -e .`"
+
+
+def test_shapes_and_config_limits_are_checked():
+    with pytest.raises(InvalidArgumentError, match="1-D"):
+        Scheduler(page_size=4, num_pages=8).submit(np.zeros((2, 3), dtype=np.int32), 1)
+    with pytest.raises(InvalidArgumentError, match="max_batch_size"):
+        Scheduler(max_batch_size=2**30)
+    with pytest.raises(InvalidArgumentError, match="2\\^31"):
+        Scheduler(page_size=64, num_pages=2**30)
+    with pytest.raises(InvalidArgumentError, match="int32"):
+        Scheduler(num_pages=2**40)

@@ -33,9 +33,11 @@ def _raise_for(status: int) -> None:
 
 def _int32_array(values, what: str) -> np.ndarray:
     """A C-contiguous int32 array; values outside int32 raise instead of wrapping around."""
-    if isinstance(values, np.ndarray) and values.dtype == np.int32:
+    if isinstance(values, np.ndarray) and values.dtype == np.int32 and values.ndim == 1:
         return np.ascontiguousarray(values)
     arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"{what}: expected a 1-D sequence, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int32)
     if arr.dtype.kind not in "iub":
