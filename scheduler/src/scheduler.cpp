@@ -49,7 +49,8 @@ void Plan::pack() {
     append_all(arena, *v);
 }
 
-Scheduler::Scheduler(const Config& c) : config_(c), pool_(std::max(c.num_pages, 1)), cache_(pool_, std::max(c.page_size, 1)) {
+// Runs in the member-initializer list, before any pool memory is allocated.
+static const Config& validated(const Config& c) {
   if (c.page_size < 1 || c.num_pages < 1 || c.max_batch_tokens < 1 || c.max_batch_size < 1 ||
       c.num_draft_slots < 0)
     fail(ErrorCode::kInvalidArgument,
@@ -61,6 +62,11 @@ Scheduler::Scheduler(const Config& c) : config_(c), pool_(std::max(c.num_pages, 
     fail(ErrorCode::kInvalidArgument, "config: max_batch_size must be <= " + std::to_string(kMaxBatchSize));
   if (c.max_batch_tokens < 1 + c.num_draft_slots)
     fail(ErrorCode::kInvalidArgument, "config: max_batch_tokens must be >= 1 + num_draft_slots");
+  return c;
+}
+
+Scheduler::Scheduler(const Config& c)
+    : config_(validated(c)), pool_(config_.num_pages), cache_(pool_, config_.page_size) {
   for (int32_t r = c.max_batch_size - 1; r >= 0; --r) free_rows_.push_back(r);
   page_math_.size = c.page_size;
   page_math_.shift = std::has_single_bit(static_cast<uint32_t>(c.page_size)) ? std::countr_zero(static_cast<uint32_t>(c.page_size)) : -1;

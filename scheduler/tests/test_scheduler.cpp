@@ -157,6 +157,8 @@ static void test_stop_token_and_errors() {
   CHECK(error_of([&] { (void)s.submit(iota_tokens(100), 1, {}); }) == ErrorCode::kCapacity);
   CHECK(error_of([&] { (void)s.submit({}, 1, {}); }) == ErrorCode::kInvalidArgument);
   CHECK(error_of([] { Scheduler bad(Config{0, 1, 1, 1, 0}); }) == ErrorCode::kInvalidArgument);
+  // Checked before any pool memory exists (this pool would need tens of GiB).
+  CHECK(error_of([] { Scheduler bad(Config{64, 1 << 30, 1, 1, 0}); }) == ErrorCode::kInvalidArgument);
   CHECK_OK(s.check_invariants());
 }
 
