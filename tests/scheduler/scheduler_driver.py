@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenspeed.scheduler import CapacityError
+from tokenspeed.scheduler import CapacityError, PageTable
 
 _MOD = (1 << 61) - 1
 
@@ -50,6 +50,8 @@ class WorkloadDriver:
                          for _ in range(num_prefixes)]
         self.live: dict[int, EngineRequest] = {}
         self.rows: dict[int, list[int]] = {}  # engine page table
+        cfg = sched.config
+        self.dense = PageTable(cfg.max_batch_size, cfg.num_pages)  # the numpy mirror, cross-checked
         self.kv: dict[int, dict[int, int]] = {}  # page -> slot -> prefix hash
         self.finished: list = []
         self.plans: list = []
@@ -136,6 +138,10 @@ class WorkloadDriver:
         for row, slot, page in zip(plan.append_rows.tolist(), plan.append_slots.tolist(), plan.append_pages.tolist(), strict=True):
             assert slot == len(self.rows[row]), "append not at the end of its row"
             self.rows[row].append(page)
+        self.dense.apply(plan)
+        for row in set(plan.append_rows.tolist()) | set(plan.truncate_rows.tolist()):
+            assert self.dense.row(row).tolist() == self.rows.get(row, []), f"PageTable row {row} diverged"
+
         if self.check_kv:
             for row, rid in zip(plan.new_rows.tolist(), plan.new_row_reqs.tolist(), strict=True):
                 i = plan.req_ids.tolist().index(rid)

@@ -15,11 +15,12 @@ from tokenspeed.scheduler._errors import (
     SchedulerError,
     UnknownRequestError,
 )
+from tokenspeed.scheduler._page_table import PageTable
 from tokenspeed.scheduler._plan import Finished, Plan
 from tokenspeed.scheduler._scheduler import Scheduler, SchedulerConfig, SchedulerStats
 
 __all__ = [
-    "CapacityError", "Finished", "InternalError", "InvalidArgumentError", "InvariantError", "Plan",
+    "CapacityError", "Finished", "InternalError", "InvalidArgumentError", "InvariantError", "PageTable", "Plan",
     "ProtocolError", "Scheduler", "SchedulerConfig", "SchedulerError", "SchedulerStats",
     "UnknownRequestError",
 ]
