@@ -82,6 +82,26 @@ def bench_blocked_queue(num_waiting: int = 40, prompt_len: int = 32_768, num_dec
         assert st.num_waiting == waiting, "the queue was supposed to stay blocked"
         out[label] = _median_us(samples)
     out["per_waiting_request_ns"] = round((out["with_queue"] - out["without_queue"]) * 1e3 / num_waiting, 1)
+    # Second variant, blocked by KV instead of rows: 1024-token pages, one per decode, and a pool
+    # of exactly one page per decode, so no page is free or evictable for the whole run.
+    for label, waiting in (("kv_blocked_without_queue", 0), ("kv_blocked_with_queue", num_waiting)):
+        sched = Scheduler(page_size=1024, num_pages=num_decodes, max_batch_tokens=8192,
+                          max_batch_size=num_decodes + num_waiting)
+        _decoding(sched, num_decodes, 100, rng, max_new=900)
+        for _ in range(waiting):
+            sched.submit(rng.integers(0, 50_000, size=prompt_len, dtype=np.int32), max_new_tokens=16)
+        tokens = np.full(num_decodes, 1, dtype=np.int32)
+        samples = []
+        for _ in range(800):
+            t0 = time.perf_counter_ns()
+            plan = sched.step()
+            sched.commit(plan, tokens[: int(plan.sample.sum())])
+            samples.append(time.perf_counter_ns() - t0)
+        st = sched.stats()
+        assert st.num_waiting == waiting and st.free_pages == 0 and st.preemptions == 0
+        out[label] = _median_us(samples)
+    out["kv_blocked_per_waiting_request_ns"] = round(
+        (out["kv_blocked_with_queue"] - out["kv_blocked_without_queue"]) * 1e3 / num_waiting, 1)
     out.update(num_waiting=num_waiting, prompt_len=prompt_len, num_decodes=num_decodes)
     return out
 
