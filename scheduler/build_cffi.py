@@ -32,18 +32,28 @@ def cdef_text() -> str:
     return text[begin:end]
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(cdef_text())
-ffibuilder.set_source(
-    "tokenspeed._scheduler_cffi",
-    '#include "tokenspeed_scheduler.h"',
-    source_extension=".cpp",
-    sources=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "src", "*.cpp"))),
-    include_dirs=[_rel(os.path.join(_HERE, "include"))],
-    depends=sorted(_rel(p) for p in glob.glob(os.path.join(_HERE, "include", "**", "*.h*"), recursive=True)),
-    extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden"],
-    language="c++",
-)
+def make_builder(extra_compile_args: list[str] | None = None, extra_link_args: list[str] | None = None,
+                 absolute_paths: bool = False) -> FFI:
+    """The FFI builder; tests pass sanitizer flags (and absolute paths, for ``compile(tmpdir=)``)
+    to build an instrumented copy elsewhere."""
+    rel = (lambda p: p) if absolute_paths else _rel
+    builder = FFI()
+    builder.cdef(cdef_text())
+    builder.set_source(
+        "tokenspeed._scheduler_cffi",
+        '#include "tokenspeed_scheduler.h"',
+        source_extension=".cpp",
+        sources=sorted(rel(p) for p in glob.glob(os.path.join(_HERE, "src", "*.cpp"))),
+        include_dirs=[rel(os.path.join(_HERE, "include"))],
+        depends=sorted(rel(p) for p in glob.glob(os.path.join(_HERE, "include", "**", "*.h*"), recursive=True)),
+        extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden", *(extra_compile_args or [])],
+        extra_link_args=list(extra_link_args or []),
+        language="c++",
+    )
+    return builder
+
+
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
     ffibuilder.compile(tmpdir=os.path.join(_HERE, "_build"), verbose=True)
