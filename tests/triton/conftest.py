@@ -24,3 +24,33 @@ else:
         _has_cuda = False
     if not _has_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs the Triton kernels on CPU tensors (TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    skip = pytest.mark.skip(reason="CPU run needs TRITON_INTERPRET=1")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
+
+
+if not collect_ignore_glob:
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def registry():
+        """A registry with the reference and the Triton plugin, registered as an entry point would."""
+        import tokenspeed_core
+        from tokenspeed_kernels_triton import plugin
+
+        reg = tokenspeed_core.build_registry(entry_points=False)
+        with reg.registering_as("triton"):
+            plugin.tokenspeed_register_kernels(registry=reg)
+        return reg

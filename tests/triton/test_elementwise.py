@@ -22,20 +22,9 @@ from tokenspeed_kernels_triton import kv_cache_write, rms_norm, rope, silu_and_m
 
 OPS = ("rms_norm", "rope", "silu_and_mul", "kv_cache_write")
 MODULES = {"rms_norm": rms_norm, "rope": rope, "silu_and_mul": silu_and_mul, "kv_cache_write": kv_cache_write}
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run needs TRITON_INTERPRET=1"
-)
+needs_interpreter = pytest.mark.interpreter  # skipped unless TRITON_INTERPRET=1 (conftest)
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module")
-def registry():
-    reg = tokenspeed_core.build_registry(entry_points=False)
-    from tokenspeed_kernels_triton import plugin
-
-    with reg.registering_as("triton"):
-        plugin.tokenspeed_register_kernels(registry=reg)
-    return reg
 
 
 @needs_interpreter

@@ -12,24 +12,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-import tokenspeed_core  # noqa: E402
 from tokenspeed_core.ops.mla_prefill import SPEC  # noqa: E402
 from tokenspeed_core.testing import check_backend, run_case  # noqa: E402
 from tokenspeed_kernels_triton import mla_prefill as kernel  # noqa: E402
 
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run needs TRITON_INTERPRET=1"
-)
+needs_interpreter = pytest.mark.interpreter  # skipped unless TRITON_INTERPRET=1 (conftest)
 
-
-@pytest.fixture(scope="module")
-def registry():
-    reg = tokenspeed_core.build_registry(entry_points=False)
-    from tokenspeed_kernels_triton import plugin
-
-    with reg.registering_as("triton"):
-        plugin.tokenspeed_register_kernels(registry=reg)
-    return reg
 
 
 @needs_interpreter
