@@ -18,6 +18,7 @@ A compact table is printed last; everything goes to ``$OUT/mla_decode.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -109,10 +110,43 @@ def compare(out, lse, ref_out, ref_lse, dtype) -> tuple[bool, str]:
     return ok, "; ".join(msgs)
 
 
-def run_triton(inp, out, lse, config=None, num_splits=None):
+def run_triton(inp, out, lse, config=None, num_splits=None, policy=None):
     TK.mla_decode_triton(inp["q"], inp["kv_cache"], inp["page_table"], inp["cache_seqlens"], out, lse,
                          inp["softmax_scale"], head_dim_v=inp["head_dim_v"], kv_scale=inp["kv_scale"],
-                         config=config, num_splits=num_splits)
+                         config=config, num_splits=num_splits, policy=policy)
+
+
+# -- the conformance kit's full grid for one tiling policy (one worker process each) -----------
+def _kit_check(job: tuple[str, str]) -> dict:
+    """``check_backend(..., size="full")`` with the Triton implementation pinned to ``policy``
+    ("default" = the registered tiling), registry built by hand as in bench/gpu_suite.py."""
+    import functools
+
+    import tokenspeed_core
+    from tokenspeed_core.testing import check_backend
+
+    policy, size = job
+    from tokenspeed_kernels_triton import plugin
+
+    t = time.time()
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    fn = TK.mla_decode_triton if policy == "default" else functools.partial(TK.mla_decode_triton, policy=policy)
+    with reg.registering_as("triton"):
+        reg.register("mla_decode", fn, supports=TK._supports, doc=f"triton mla_decode, policy {policy}",
+                     **plugin.common().kwargs())
+    try:
+        rep = check_backend("mla_decode", "triton", size=size, device=DEV, registry=reg)
+        return {"policy": policy, "ok": rep.ok, "counts": rep.counts(), "text": rep.format(verbose=True),
+                "s": time.time() - t}
+    except Exception as exc:
+        return {"policy": policy, "ok": False, "counts": {}, "text": traceback.format_exc()[-3000:],
+                "s": time.time() - t, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def kit_checks(policies: list[str], size: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(len(policies)) as pool:
+        return pool.map(_kit_check, [(p, size) for p in policies])
 
 
 # -- correctness over the full grid (worker processes) ----------------------------------------
@@ -186,12 +220,14 @@ def gpu_inputs(case: dict, seed: int = 0) -> dict:
     }
 
 
-def bench_case(case: dict, config=None, spot_check=True, num_splits=None, graph=False) -> dict:
-    inp = gpu_inputs(case)
+def bench_case(case: dict, config=None, spot_check=True, num_splits=None, graph=False, policy=None,
+               inp=None) -> dict:
+    inp = inp or gpu_inputs(case)
     B, Q, H, _ = inp["q"].shape
+    inp["cache_seqlens"].fill_(case["seqlen"])
     out = torch.full((B, Q, H, 512), float("nan"), dtype=inp["q"].dtype, device=DEV)
     lse = torch.full((B, Q, H), float("nan"), dtype=torch.float32, device=DEV)
-    fn = lambda: run_triton(inp, out, lse, config=config, num_splits=num_splits)  # noqa: E731
+    fn = lambda: run_triton(inp, out, lse, config=config, num_splits=num_splits, policy=policy)  # noqa: E731
     fn()
     sync()
     row = {}
@@ -229,7 +265,7 @@ def bench_case(case: dict, config=None, spot_check=True, num_splits=None, graph=
     row_bytes = 576 * inp["kv_cache"].element_size()
     nbytes = B * s * row_bytes + inp["q"].numel() * inp["q"].element_size() + out.numel() * out.element_size()
     flops = 2.0 * B * Q * H * s * (576 + 512)
-    cfg = config or TK.pick_config(Q * H, inp["q"].dtype, inp["kv_cache"].dtype)
+    cfg = config or TK.pick_config(Q * H, inp["q"].dtype, inp["kv_cache"].dtype, policy)
     rows = Q * H
     mb = math.ceil(rows / cfg.block_m) * (2 if cfg.dv_halves else 1)
     splits = num_splits or TK.plan_splits(B, mb, inp["page_table"].shape[1] * inp["kv_cache"].shape[1],
@@ -262,20 +298,39 @@ def load_anchors() -> dict:
     return table
 
 
-SWEEP = {
-    # class -> (config, forced split count or None); the shapes each class is timed on.
-    # run 1 (H200): M16 N64 w8 best at 1 program/SM (53% of copy); M64 N32 w8 best (158 TF).
-    # run 2: M16 N32 w4 with 4 splits (2 programs/SM) 65% of copy; more splits for w8 did nothing.
-    # run 3: neighbours of the new M16 default, and M64 variants that spill a little.
-    16: [(TK.Config(16, 32, 4, 3), sp) for sp in (4, 8)] + [(TK.Config(16, 16, 4, 2), 4)],
-    64: [(TK.Config(64, 64, 8, 2), None), (TK.Config(64, 32, 8, 3), None)],
+def _T(bh, w, st=2):
+    return TK.Config(bh, 64, w, st, transposed=True)
+
+
+BASE16, BASE64 = TK.Config(16, 32, 4, 2, ctas_per_sm=2), TK.Config(64, 64, 8, 2)
+SHAPES = {
+    "mem": dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
+    "spec1": dict(B=8, q_len=1, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
+    "spec4": dict(B=8, q_len=4, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
+    "comp": dict(B=16, q_len=1, H=128, page_size=64, seqlen=16384, dtype=torch.bfloat16),
+    "lat": dict(B=1, q_len=1, H=128, page_size=64, seqlen=65536, dtype=torch.bfloat16),
+    "fp8": dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16,
+                cache_dtype=torch.float8_e4m3fn),
 }
-SWEEP_SHAPES = {
-    16: [dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
-         dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16,
-              cache_dtype=torch.float8_e4m3fn)],
-    64: [dict(B=16, q_len=4, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
-         dict(B=64, q_len=1, H=128, page_size=64, seqlen=16384, dtype=torch.bfloat16)],
+# round 4 run 1 (H200): the transposed kernel, and ablations of the 64-row tile
+SWEEP_T = {
+    "mem": [None, _T(16, 4), _T(16, 8), _T(16, 4, 3), TK.Config(16, 64, 4, 3)],
+    "spec1": [None, _T(16, 4), _T(16, 8), TK.Config(16, 64, 4, 3)],
+    # ablations answer "why is q_len 4 1.7x q_len 1": 1 = no PV product, 2 = no QK product
+    "spec4": [None, dataclasses.replace(BASE64, ablate=1), dataclasses.replace(BASE64, ablate=2),
+              _T(16, 8), _T(32, 8), _T(32, 4), _T(64, 8)],
+    "comp": [None, _T(32, 8), _T(32, 4), _T(64, 8)],
+    "lat": [None, _T(32, 8), _T(64, 8)],
+    "fp8": [None, _T(16, 4), _T(16, 8)],
+}
+# round 4 run 2: register caps for 3 / 4 programs per SM; 64 rows as 16- or 32-row programs
+R168 = TK.Config(16, 32, 4, 2, ctas_per_sm=3, maxnreg=168)
+R128 = TK.Config(16, 32, 4, 2, ctas_per_sm=4, maxnreg=128)
+SWEEP = {
+    "mem": [None, R168, R128],
+    "spec1": [None, R168, R128],
+    "spec4": [None, BASE16, R168, TK.Config(32, 64, 8, 2)],
+    "fp8": [None, R168, R128],
 }
 
 
@@ -286,7 +341,9 @@ def main():
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--presets", default="anchor,spec,fp8")
-    ap.add_argument("--sweep-only", default="", help="comma list of sweep classes to run (default all)")
+    ap.add_argument("--sweep-only", default="", help="comma list of sweep shapes to run (default all)")
+    ap.add_argument("--policies", default="", help="tiling policies to run the kit's grid on")
+    ap.add_argument("--kit-size", default="full")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     result = {"device": device_name(), "torch": torch.__version__}
@@ -301,6 +358,17 @@ def main():
             json.dump(result, f, indent=1, default=str)
 
     t0 = time.time()
+    if args.policies:
+        res = kit_checks(args.policies.split(","), args.kit_size)
+        result["kit"] = res
+        for r in res:
+            log(f"[kit] policy {r['policy']}: {'PASS' if r['ok'] else 'FAIL'} {r['counts']} in {r['s']:.0f}s "
+                f"{r.get('error', '')}")
+            if not r["ok"]:
+                log(r["text"][-3000:])
+            with open(os.path.join(args.out, f"kit-{r['policy']}.txt"), "w") as f:
+                f.write(r["text"] + "\n")
+        save()
     if args.check != "none":
         res = check_grid(args.check, args.workers)
         result["check"] = res
@@ -316,24 +384,37 @@ def main():
 
     if args.sweep:
         result["sweep"] = []
-        for cls, cfgs in SWEEP.items():
-            if args.sweep_only and str(cls) not in args.sweep_only.split(","):
+        for key, cfgs in SWEEP.items():
+            if args.sweep_only and key not in args.sweep_only.split(","):
                 continue
-            for shape in SWEEP_SHAPES[cls]:
-                if DEV == "cpu":
-                    shape = dict(shape, B=1, seqlen=40)
-                for cfg, sp in cfgs:
-                    try:
-                        r = bench_case(shape, config=cfg, num_splits=sp)
-                    except Exception as exc:
-                        r = {"error": f"{type(exc).__name__}: {exc}"[:300], "config": cfg.describe()}
-                    r["config"] = r.get("config", "") + f" sp={r.get('splits')}"
-                    r["case"] = SPEC.label(shape)
-                    result["sweep"].append(r)
-                    log(f"[sweep] {r['case']:<48} {r.get('config')} "
-                        + (f"{r['us']:9.1f} us {r['GBps']:6.0f} GB/s {r['TFLOPs']:5.0f} TF ok={r['ok']}"
-                           if "us" in r else r["error"]))
-                    save()
+            shape = SHAPES[key] if DEV == "cuda" else dict(SHAPES[key], B=1, seqlen=40)
+            inp = gpu_inputs(shape)
+            for cfg in cfgs:
+                try:
+                    r = bench_case(shape, config=cfg, graph=True, inp=inp, spot_check=not (cfg and cfg.ablate))
+                except Exception as exc:
+                    r = {"error": f"{type(exc).__name__}: {exc}"[:300], "config": cfg.describe() if cfg else "default"}
+                r.update(shape=key, case=SPEC.label(shape), default=cfg is None)
+                if "us" in r:
+                    r["pct_copy"] = 100 * r["GBps"] / ceil["copy_GBps"]
+                    r["pct_gemm"] = 100 * r["TFLOPs"] / ceil["gemm_bf16_TFLOPs"]
+                result["sweep"].append(r)
+                log(f"[sweep] {key:<6} {r.get('config'):<22} "
+                    + (f"sp={r['splits']:<4} {r['us']:8.1f} us graph {r.get('graph_us', 0):8.1f} us "
+                       f"{r['pct_copy']:5.1f}% copy {r['pct_gemm']:5.1f}% gemm ok={r.get('ok')} "
+                       f"graph_ok={r.get('graph_ok')}"
+                       if "us" in r else r["error"]))
+                save()
+            del inp
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+        log(f"\n{result['device']} | copy {ceil['copy_GBps']:.0f} GB/s | GEMM {ceil['gemm_bf16_TFLOPs']:.0f} TFLOP/s")
+        log(f"{'shape':<7}{'config':<24}{'spl':>4}{'eager':>9}{'graph':>9}{'%copy':>7}{'%gemm':>7} ok")
+        for r in result["sweep"]:
+            if "us" in r:
+                log(f"{r['shape']:<7}{r['config']:<24}{r['splits']:>4}{r['us']:>9.1f}{r.get('graph_us', 0):>9.1f}"
+                    f"{r['pct_copy']:>7.1f}{r['pct_gemm']:>7.1f} {r.get('ok')}/{r.get('graph_ok')}")
+            else:
+                log(f"{r['shape']:<7}{r['config']:<24} ERROR {r['error'][:80]}")
 
     anchors = load_anchors()
     rows = []

@@ -60,12 +60,28 @@ def test_forced_splits(case, splits):
     assert res.status == "pass", res.detail
 
 
-@pytest.mark.parametrize("config", [kernel.Config(64, 32, 8, 2, dv_halves=True), kernel.Config(64, 64, 8, 2)],
+@pytest.mark.parametrize("config", [kernel.Config(64, 32, 8, 2, dv_halves=True), kernel.Config(64, 64, 8, 2),
+                                    kernel.Config(16, 64, 4, 2, transposed=True),
+                                    kernel.Config(32, 64, 8, 2, transposed=True)],
                          ids=lambda c: c.describe())
 def test_other_tile_configs(config):
     case = dict(B=2, q_len=4, H=16, page_size=64, seqlens=[64, 131], dtype=torch.bfloat16)
     res = run_case(SPEC, _variant(config=config, num_splits=3), case, DEVICE)
     assert res.status == "pass", res.detail
+
+
+@pytest.mark.parametrize("policy", sorted(kernel.POLICIES))
+def test_candidate_policies(policy):
+    # the candidate tilings the GPU bench sweeps: q_len 1 x H 16 (16 rows, one split) and 48 rows
+    for case, splits in ((dict(B=3, q_len=1, H=16, page_size=16, seqlens=[17, 1, 70], dtype=torch.bfloat16), None),
+                         (dict(B=2, q_len=3, H=16, page_size=32, seqlens=[100, 3], dtype=torch.float16), 2)):
+        res = run_case(SPEC, _variant(policy=policy, num_splits=splits), case, DEVICE)
+        assert res.status == "pass", (policy, res.detail)
+
+
+def test_transposed_excludes_halves():
+    with pytest.raises(ValueError):
+        kernel.Config(16, 64, 4, 2, dv_halves=True, transposed=True)
 
 
 def test_plan_splits_follows_shapes():

@@ -38,10 +38,22 @@ class Config:
     # resident programs per SM (registers / shared memory of the compiled kernel, read off
     # cuobjdump on sm_90); the planner fills ctas_per_sm x SMs slots
     ctas_per_sm: int = 1
+    # transposed stage 1 (``mla_decode_split_kernel_t``): KV rows on the MMA M side, so 16 folded
+    # query rows still get warpgroup MMAs; block_m is then the query rows per program (MMA N)
+    transposed: bool = False
+    ablate: int = 0  # benchmark only: 1 drops the PV product, 2 the QK product (wrong results)
+    maxnreg: int | None = None  # register cap (ptxas), to fit more programs per SM
+
+    def __post_init__(self):
+        if self.transposed and self.dv_halves:
+            raise ValueError("the transposed kernel owns the whole latent output")
 
     def describe(self) -> str:
         h = "/dv2" if self.dv_halves else ""
-        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}{h}"
+        t = "/T" if self.transposed else ""
+        a = f"/ablate{self.ablate}" if self.ablate else ""
+        r = f"/r{self.maxnreg}x{self.ctas_per_sm}" if self.maxnreg else ""
+        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}{h}{t}{a}{r}"
 
 
 def _interpreting() -> bool:
@@ -52,16 +64,45 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pick_config(rows: int, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> Config:
-    """Tiles for ``rows`` = q_len x H folded query rows (see docs/perf/triton-mla-decode.md)."""
+def pick_config(rows: int, q_dtype: torch.dtype, cache_dtype: torch.dtype, policy: str | None = None) -> Config:
+    """Tiles for ``rows`` = q_len x H folded query rows (see docs/perf/triton-mla-decode.md).
+
+    ``policy`` names a candidate tiling under evaluation (``POLICIES``); None is the default."""
     block_m = min(MAX_BLOCK_M, max(16, _pow2(rows)))
     if q_dtype == torch.float32:  # CPU tests and odd callers: correctness, not speed
         return Config(block_m, 32, 4, 1)
+    if policy is not None:
+        cfg = POLICIES[policy](block_m)
+        if cfg is not None:
+            return cfg
     if block_m == 16:  # mma.sync path: one KV buffer per program, so occupancy carries the bytes in flight
-        return Config(16, 32, 4, 2, ctas_per_sm=2)  # 197 regs x 128 threads, 56 KB smem
+        if cache_dtype == torch.float8_e4m3fn:
+            return Config(16, 32, 4, 2, ctas_per_sm=2)  # 197 regs x 128 threads, 56 KB smem
+        # capped at 168 regs (168 B stack) so 3 programs share an SM: 65.7 -> 68.4% of copy on
+        # H200 (b64 s16K); the fp8 cache measured 1% slower capped, so it keeps 2 programs
+        return Config(16, 32, 4, 2, ctas_per_sm=3, maxnreg=168)
     if block_m == 32:
         return Config(32, 64, 8, 2)  # 198 regs, 112 KB smem
     return Config(64, 64, 8, 2)  # wgmma; 64 KV rows a step: 1.28-1.38x the 32-row step on H200 sweeps
+
+
+# Candidate tilings (block_m -> Config, or None for the default's choice), selected with
+# ``mla_decode_triton(..., policy=name)``; the GPU bench checks each on the full grid before one
+# may become the default.
+POLICIES = {
+    # transposed kernel for 16 folded rows (q_len 1, H 16): wgmma instead of mma.sync.
+    # sm_90 offline (triton 3.9): w4 255 regs + 40 B stack, 164 KB smem; w8 206 regs, no spill
+    "t16w4": lambda bm: Config(16, 64, 4, 2, transposed=True) if bm == 16 else None,
+    "t16w8": lambda bm: Config(16, 64, 8, 2, transposed=True) if bm == 16 else None,
+    # ... and 32-row transposed programs (8 warps, 255 regs, no spill) for every larger row count:
+    # QK computed once per 32 rows, the 512-column PV split over two warpgroups
+    "t32w8": lambda bm: (Config(16, 64, 8, 2, transposed=True) if bm == 16
+                         else Config(32, 64, 8, 2, transposed=True)),
+    # the default 16-row tile under a register cap, so 3 (168 regs, 168 B stack) or 4 (128 regs,
+    # 376 B stack) programs fit an SM instead of 2: more KV tiles in flight per SM
+    "r168": lambda bm: Config(16, 32, 4, 2, ctas_per_sm=3, maxnreg=168) if bm == 16 else None,
+    "r128": lambda bm: Config(16, 32, 4, 2, ctas_per_sm=4, maxnreg=128) if bm == 16 else None,
+}
 
 
 @functools.cache
@@ -115,9 +156,9 @@ def _supports(sig) -> str | None:
 
 def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale,
                       head_dim_v=512, kv_scale=1.0, *, config: Config | None = None,
-                      num_splits: int | None = None) -> None:
-    """Triton MLA decode; writes ``out`` and ``lse``. ``config``/``num_splits`` override the plan
-    (tests and the benchmark sweep)."""
+                      num_splits: int | None = None, policy: str | None = None) -> None:
+    """Triton MLA decode; writes ``out`` and ``lse``. ``config``/``num_splits``/``policy``
+    override the plan (tests and the benchmark sweep)."""
     from . import _mla_decode_kernels as K
 
     B, q_len, H, D = q.shape
@@ -125,7 +166,7 @@ def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_
         return
     rows = q_len * H
     dv = head_dim_v
-    cfg = config or pick_config(rows, q.dtype, kv_cache.dtype)
+    cfg = config or pick_config(rows, q.dtype, kv_cache.dtype, policy)
     m_blocks = math.ceil(rows / cfg.block_m)
     dv_blocks = 2 if cfg.dv_halves else 1
     page_size = kv_cache.shape[1]
@@ -143,14 +184,20 @@ def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_
         dst_out, dst_lse = part_out, part_lse
     else:
         dst_out, dst_lse = out, lse
-    K.mla_decode_split_kernel[(m_blocks * dv_blocks, num_splits, B)](
-        q, kv_cache, page_table, cache_seqlens, dst_out, dst_lse,
-        qk_scale, float(kv_scale),
-        q_len, H, page_size, page_table.shape[1], num_splits,
-        D=D, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DV=dv // dv_blocks,
-        SPLIT=split, UPCAST=upcast, IEEE=ieee,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+    args = (q, kv_cache, page_table, cache_seqlens, dst_out, dst_lse, qk_scale, float(kv_scale),
+            q_len, H, page_size, page_table.shape[1], num_splits)
+    if cfg.transposed:
+        K.mla_decode_split_kernel_t[(m_blocks, num_splits, B)](
+            *args, D=D, DV=dv, BLOCK_H=cfg.block_m, BLOCK_N=cfg.block_n,
+            SPLIT=split, UPCAST=upcast, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        )
+    else:
+        K.mla_decode_split_kernel[(m_blocks * dv_blocks, num_splits, B)](
+            *args, D=D, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DV=dv // dv_blocks,
+            SPLIT=split, UPCAST=upcast, IEEE=ieee, ABLATE=cfg.ablate,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        )
     if split:
         block_dv = min(dv, 128)
         K.mla_decode_combine_kernel[(B * rows, dv // block_dv)](
@@ -181,11 +228,18 @@ def compile_targets() -> list[tuple]:
             "page_table_stride": "i32", "num_splits": "i32",
             "D": "constexpr", "DV": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             "BLOCK_DV": "constexpr", "SPLIT": "constexpr", "UPCAST": "constexpr", "IEEE": "constexpr",
+            "ABLATE": "constexpr",
         }
         consts = dict(D=576, DV=512, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_DV=256 if cfg.dv_halves else 512, SPLIT=split, UPCAST=False, IEEE=False)
-        return (K.mla_decode_split_kernel, sig, consts,
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                      BLOCK_DV=256 if cfg.dv_halves else 512, SPLIT=split, UPCAST=False, IEEE=False, ABLATE=0)
+        fn = K.mla_decode_split_kernel
+        if cfg.transposed:  # same arguments, BLOCK_M renamed BLOCK_H, no BLOCK_DV / ABLATE
+            fn = K.mla_decode_split_kernel_t
+            sig = {("BLOCK_H" if k == "BLOCK_M" else k): v for k, v in sig.items()
+                   if k not in ("BLOCK_DV", "ABLATE")}
+            consts = {("BLOCK_H" if k == "BLOCK_M" else k): v for k, v in consts.items()
+                      if k not in ("BLOCK_DV", "ABLATE")}
+        return (fn, sig, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     targets = [
@@ -195,6 +249,12 @@ def compile_targets() -> list[tuple]:
         split_target("fp16", "fp8e4nv", pick_config(16, torch.float16, fp8), True),
         split_target("bf16", "fp8e4nv", pick_config(64, bf16, fp8), False),
     ]
+    for policy in POLICIES:  # candidate tilings must compile too
+        for rows in (16, 64):
+            cfg = pick_config(rows, bf16, bf16, policy)
+            if cfg.transposed:
+                targets.append(split_target("bf16", "bf16", cfg, True))
+    targets.append(split_target("bf16", "fp8e4nv", pick_config(16, bf16, fp8, "t16w4"), True))
     combine_sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
                    "num_splits": "i32", "DV": "constexpr", "BLOCK_DV": "constexpr", "BLOCK_S": "constexpr",
                    "CHUNK_S": "constexpr"}
