@@ -162,3 +162,25 @@ def test_registration_and_compile_targets(registry):
     for fn, sig, constexprs in targets:
         assert set(constexprs) <= set(sig) and all(sig[c] == "constexpr" for c in constexprs)
         assert list(sig) == fn.arg_names
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_top_p_search_range_and_early_stop(registry, dtype):
+    """Tied (coarse) logits, top-p with min-p on and off: the search starts where lo and the max key
+    differ and stops once min-p decides; both must keep the reference's set."""
+    B, V = 16, 700
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(B, V, generator=gen) * 3).round().div(2).to(dtype)
+    args = dict(logits=x, temperature=torch.rand(B, generator=gen) + 0.3,
+                top_k=torch.tensor([0, 5, 300, 0] * 4, dtype=torch.int32),
+                top_p=torch.tensor([0.99, 0.5, 0.9, 0.2] * 4),
+                min_p=torch.tensor([0.0] * 8 + [0.3] * 4 + [0.02] * 4),
+                seeds=torch.randint(0, 2**40, (B,), generator=gen), offsets=torch.arange(B))
+    out = torch.full((B,), -1, dtype=torch.int64)
+    registry.backend("sample", "triton").fn(**args, out=out)
+    ref = torch.empty_like(out)
+    SPEC.reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in args.items()}, out=ref)
+    call = SPEC.bind({**args, "out": out})
+    assert SPEC.compare("out", out, ref, call) is None
+    assert (out == ref).float().mean() > 0.9
