@@ -8,7 +8,7 @@ defines ``compile_targets()`` is compiled here. ``compile_targets()`` returns a 
 
 where ``signature`` maps every argument of ``jit_fn``, in order, to a Triton type ("*bf16",
 "i32", "fp32", ... or "constexpr"), ``constexprs`` gives the constexpr values, and ``options``
-may set ``num_warps`` / ``num_stages`` (the launch config the module really uses). Pointer
+may set ``num_warps`` / ``num_stages`` / ``maxnreg`` (the launch config the module really uses). Pointer
 arguments are compiled as 16-byte aligned, as the JIT does for torch tensors, so the code
 checked is the code that runs (vector loads, async copies).
 
@@ -65,6 +65,8 @@ def _compile(job: tuple[str, str, int, int]) -> tuple[str, str]:
         aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(sig.values()) if ty.startswith("*")}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
         opts = {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}
+        if options.get("maxnreg"):  # a register cap the module launches with (more programs per SM)
+            opts["maxnreg"] = options["maxnreg"]
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         return tid, "ok" if kernel.asm.get("cubin") else "no cubin produced"
     except Exception as exc:

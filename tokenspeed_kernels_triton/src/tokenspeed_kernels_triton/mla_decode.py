@@ -239,7 +239,10 @@ def compile_targets() -> list[tuple]:
                    if k not in ("BLOCK_DV", "ABLATE")}
             consts = {("BLOCK_H" if k == "BLOCK_M" else k): v for k, v in consts.items()
                       if k not in ("BLOCK_DV", "ABLATE")}
-        return (fn, sig, consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if cfg.maxnreg:
+            opts["maxnreg"] = cfg.maxnreg
+        return (fn, sig, consts, opts)
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     targets = [
