@@ -1,7 +1,11 @@
 """One device run for the CuTe DSL mla_decode: conformance on the GPU, CUDA-graph capture, then a
 benchmark side by side with the Triton kernel and the copy/GEMM ceilings measured in the same run.
 
-    source .device/setup.sh && PYTHONUNBUFFERED=1 python bench/gpu_cute_mla_decode.py --out $OUT
+    source .device/setup.sh && PYTHONUNBUFFERED=1 python bench/gpu_cute_mla_decode.py --out $OUT \
+        --check cute_v2 --backends triton,cute,cute_v2,cute_v2_n64 --presets memory,compute,latency
+
+Kernel variants (tokenspeed_kernels_blackwell.mla_decode.VARIANTS) other than the registered one
+are registered here by hand as backends ``cute_<variant>`` (e.g. cute_v2), below every other band.
 
 Works without installing the project: registers the reference, Triton and CuTe plugins by hand.
 Bench inputs are generated on the GPU (the spec's make_inputs builds caches on the CPU, which takes
@@ -27,7 +31,7 @@ for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_triton", "src"),
 import torch  # noqa: E402
 
 import tokenspeed_core  # noqa: E402
-from tokenspeed_core.bench import measure_ceilings, time_calls  # noqa: E402
+from tokenspeed_core.bench import time_calls  # noqa: E402
 
 T0 = time.time()
 
@@ -47,6 +51,15 @@ def build_registry():
             triton_plugin.tokenspeed_register_kernels(registry=reg)
     except Exception as exc:  # the Triton baseline is optional
         log(f"triton plugin failed: {exc!r}")
+    from tokenspeed_core import Priority
+    from tokenspeed_kernels_blackwell import mla_decode as cm
+
+    with reg.registering_as("cute"):
+        for v in cm.VARIANTS:
+            if v != cm.DEFAULT_VARIANT:
+                reg.register("mla_decode", cm.make_mla_decode(v), backend=f"cute_{v}", devices=("cuda",),
+                             capability=((9, 0), (9, 0)), dtypes=cm.DTYPES, supports=cm.supports,
+                             priority=Priority.PORTABLE - 20, doc=f"CuTe mla_decode, kernel variant {v}")
     return reg
 
 
@@ -66,27 +79,27 @@ def bench_inputs(case, device):
     )
 
 
-def conformance(reg, out_dir):
+def conformance(reg, out_dir, backend):
     from tokenspeed_core.testing import check_backend
 
-    rep = check_backend("mla_decode", "cute", size="full", device="cuda", registry=reg)
-    text = rep.format()
-    with open(os.path.join(out_dir, "conformance.txt"), "w") as f:
+    rep = check_backend("mla_decode", backend, size="full", device="cuda", registry=reg)
+    text = rep.format(verbose=True)
+    with open(os.path.join(out_dir, f"conformance-{backend}.txt"), "w") as f:
         f.write(text)
     ok = getattr(rep, "ok", None)
     counts = {}
     for r in rep.results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    log(f"conformance ok={ok} {counts}")
+    log(f"conformance {backend} ok={ok} {counts}")
     for r in rep.results:
         if r.status in ("fail", "error"):
             print(f"  {r.status}: {r.label} :: err={r.max_abs_err} :: {r.detail[:400]}")
     return ok, counts
 
 
-def graph_check(reg, device):
+def graph_check(reg, device, backend):
     """Capture one decode call in a CUDA graph, replay on new data, compare with eager."""
-    impl = reg.backend("mla_decode", "cute")
+    impl = reg.backend("mla_decode", backend)
     case = dict(B=4, q_len=2, H=16, page_size=64, seqlen=1000, dtype=torch.bfloat16)
     a = bench_inputs(case, device)
     impl.fn(**a)  # compile + warm up outside the capture
@@ -102,14 +115,14 @@ def graph_check(reg, device):
     impl.fn(**a)
     torch.cuda.synchronize()
     same = torch.equal(got_o, a["out"]) and torch.equal(got_l, a["lse"])
-    log(f"cuda graph replay == eager: {same}")
+    log(f"{backend}: cuda graph replay == eager: {same}")
     return same
 
 
-def bench(reg, device, ceil, presets, out_dir, deadline):
+def bench(reg, device, ceil, presets, out_dir, deadline, wanted):
     spec = reg.spec("mla_decode")
     rows = []
-    backends = [b for b in ("cute", "triton") if any(i.backend == b for i in reg.impls["mla_decode"])]
+    backends = [b for b in wanted if any(i.backend == b for i in reg.impls["mla_decode"])]
     for preset in presets:
         for case in spec.presets[preset]:
             if time.time() > deadline:
@@ -131,7 +144,7 @@ def bench(reg, device, ceil, presets, out_dir, deadline):
                     impl.fn(**a)
                     outs[be] = (a["out"].float().clone(), a["lse"].clone())
                     try:  # graph replay: the launch cost on the host is not what we measure
-                        t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=30, max_seconds=3.0,
+                        t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=20, max_seconds=2.0,
                                        cuda_graph=True)
                     except Exception as exc:
                         row[be + "_graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -145,10 +158,12 @@ def bench(reg, device, ceil, presets, out_dir, deadline):
                     row[be + "_gemm_pct"] = round(100 * cost.flops / us / 1e6 / ceil.gemm_tflops, 1)
                 except Exception as exc:
                     row[be + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            if len(outs) == 2:  # big caches are past the CPU reference: cross-check the backends
-                (oc, lc), (ot, lt) = outs["cute"], outs["triton"]
-                row["max_diff_out"] = float((oc - ot).abs().max())
-                row["max_diff_lse"] = float((lc - lt).abs().max())
+            if "triton" in outs:  # big caches are past the CPU reference: cross-check the backends
+                ot, lt = outs["triton"]
+                for be, (oc, lc) in outs.items():
+                    if be != "triton":
+                        row[be + "_vs_triton"] = [round(float((oc - ot).abs().max()), 4),
+                                                  round(float((lc - lt).abs().max()), 4)]
             del outs
             rows.append(row)
             log(json.dumps(row))
@@ -164,44 +179,50 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=520.0)
     ap.add_argument("--presets", default="latency,memory,spec,compute")
-    ap.add_argument("--skip-conformance", action="store_true")
+    ap.add_argument("--check", default="cute", help="backends to run the full conformance grid on ('' = none)")
+    ap.add_argument("--backends", default="triton,cute", help="backends to time side by side")
     args = ap.parse_args()
     device = torch.device("cuda")
+    os.makedirs(args.out, exist_ok=True)
     log(f"{torch.cuda.get_device_name(0)} torch {torch.__version__}")
     import cutlass
     log(f"nvidia-cutlass-dsl {getattr(cutlass, '__version__', '?')}")
     reg = build_registry()
-    try:
-        print(reg.explain("mla_decode", **bench_inputs(
-            dict(B=2, q_len=1, H=16, page_size=64, seqlen=300, dtype=torch.bfloat16), device)))
-    except Exception:
-        traceback.print_exc()
     summary = {}
-    try:
-        t = time.time()
-        from tokenspeed_kernels_blackwell.mla_decode import compile_kernel
-        compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64)
-        log(f"first compile {time.time() - t:.1f}s")
-        summary["graph_ok"] = graph_check(reg, device)
-    except Exception:
-        traceback.print_exc()
-    if not args.skip_conformance:
+    for be in filter(None, args.check.split(",")):
         try:
-            summary["conformance"] = conformance(reg, args.out)
+            summary[be + "_graph_ok"] = graph_check(reg, device, be)
         except Exception:
             traceback.print_exc()
-    ceil = measure_ceilings(device)
+        try:
+            summary[be + "_conformance"] = conformance(reg, args.out, be)
+        except Exception:
+            traceback.print_exc()
+    from tokenspeed_core.bench import get_ceilings
+
+    ceil = get_ceilings(device, remeasure=True)
     log(f"ceilings: copy {ceil.copy_gbps} GB/s, bf16 GEMM {ceil.gemm_tflops} TFLOP/s")
-    rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s)
-    print("\n| preset | B | q_len | H | s_k | cute µs | % copy | TFLOP/s | triton µs | cute/triton |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        c, tr = r.get("cute_us"), r.get("triton_us")
-        ratio = f"{tr / c:.2f}x" if c and tr else "-"
-        print(f"| {r['preset']} | {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | {c or r.get('cute_error', '-')} "
-              f"| {r.get('cute_copy_pct', '-')} | {r.get('cute_tflops', '-')} | {tr or r.get('triton_error', '-')} "
-              f"| {ratio} |")
+    backends = args.backends.split(",")
+    rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s, backends)
     print("summary", summary)
+    print(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s; "
+          "cells: us / %copy / %gemm (CUDA-graph replay, L2 flushed)")
+    print("| preset | B | q | H | s_k | " + " | ".join(backends) + " | best cute vs triton |")
+    for r in rows:
+        cells = []
+        for be in backends:
+            us = r.get(be + "_us")
+            cells.append(f"{us} / {r.get(be + '_copy_pct')} / {r.get(be + '_gemm_pct')}" if us
+                         else str(r.get(be + "_error", "-"))[:30])
+        cute = [r[be + "_us"] for be in backends if be.startswith("cute") and r.get(be + "_us")]
+        tr = r.get("triton_us")
+        ratio = f"{tr / min(cute):.2f}x" if cute and tr else "-"
+        print(f"| {r['preset']} | {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | " + " | ".join(cells)
+              + f" | {ratio} |")
+    for r in rows:
+        d = {k: v for k, v in r.items() if k.endswith("_vs_triton") or k.endswith("error")}
+        if d:
+            print(r["preset"], r["B"], r["q_len"], r["H"], r["s_k"], d)
 
 
 if __name__ == "__main__":

@@ -62,19 +62,30 @@ def supports(sig) -> str | None:
     return None
 
 
+# -- kernel variants -----------------------------------------------------------------------------
+# v1: mma.sync + 2-stage cp.async of 64-row tiles (docs/cute.md). v2: wgmma (SS for QK^T, RS for
+# PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
+VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2)}
+# The variant the registered implementation launches. v2 has not yet passed the conformance kit on
+# hardware, so it is opt-in: TOKENSPEED_CUTE_MLA_VARIANT=v2 (read once, at import).
+DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v1")
+
+
 # -- compilation ---------------------------------------------------------------------------------
 _compiled: dict[tuple, object] = {}
 _compile_lock = threading.Lock()
 
 
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
-                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V):
+                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str = "v1"):
     """Compile (or fetch from the in-process cache) the kernel of one shape class for ``arch``.
 
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
     the duration of the compile (unset, the DSL silently targets sm_100a).
     """
-    key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+    key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant)
     fn = _compiled.get(key)
     if fn is not None:
         return fn
@@ -85,7 +96,7 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     return fn
 
 
-def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
+def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant):
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
@@ -114,7 +125,13 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
         cutlass.Float32(1.0),
         make_fake_stream(),
     )
-    kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
+    if variant == "v1":
+        kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
+    else:
+        from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
+
+        kernel = MlaDecodeSplitKVWgmma(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
+                                       **VARIANTS[variant])
     prev = os.environ.get("CUTE_DSL_ARCH")
     os.environ["CUTE_DSL_ARCH"] = arch
     try:
@@ -147,23 +164,47 @@ def num_splits(batch: int, m_blocks: int, max_rows: int, sms: int) -> int:
     return max(1, min(-(-sms // max(1, batch * m_blocks)), tiles, sms))
 
 
+def num_splits_v2(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: int = 32) -> int:
+    """KV splits per request for v2: the fewest splits whose CTAs fill whole waves (>= 90% of
+    the SM slots of the last wave busy; one CTA per SM), so no SM idles through a half-empty
+    last wave (v1's ceil(sms / ctas) gave 192 CTAs = 1.45 waves at batch 64). Never more splits
+    than KV tiles. Static shapes only: a captured graph stays valid."""
+    per_split = max(1, batch * m_blocks)
+    tiles = max(1, -(-max_rows // block_n))
+    best, best_eff = 1, 0.0
+    for s in range(1, min(tiles, max(1, -(-4 * sms // per_split))) + 1):
+        ctas = per_split * s
+        eff = ctas / (-(-ctas // sms) * sms)
+        if ctas >= 0.9 * sms and eff >= 0.9:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
-               kv_scale=1.0):
+               kv_scale=1.0, variant=None):
     """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``."""
     from .mla_decode_kernel import BLOCK_M, softmax_scale_log2
+
+    variant = variant or DEFAULT_VARIANT
 
     batch, q_len, heads, d = q.shape
     if batch == 0:
         return
     dev = q.device
     cap = torch.cuda.get_device_capability(dev)
-    fn = compile_kernel(TARGETS[cap], q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v)
+    fn = compile_kernel(TARGETS[cap], q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant)
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     sms = _num_sms.get(idx)
     if sms is None:
         sms = _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     m = heads * q_len
-    splits = num_splits(batch, -(-m // BLOCK_M), page_table.shape[1] * kv_cache.shape[1], sms)
+    max_rows = page_table.shape[1] * kv_cache.shape[1]
+    if variant == "v1":
+        splits = num_splits(batch, -(-m // BLOCK_M), max_rows, sms)
+    else:
+        splits = num_splits_v2(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"])
     o_part = torch.empty((batch, splits, m, head_dim_v), dtype=torch.float32, device=dev)
     lse_part = torch.empty((batch, splits, m), dtype=torch.float32, device=dev)
     out_c = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -220,4 +261,19 @@ def _sm100_not_available(**kwargs) -> None:  # never selected: registered as una
     raise RuntimeError(SM100_UNAVAILABLE)
 
 
-__all__ = ["compile_kernel", "mla_decode", "num_splits", "register", "shape_classes", "supports"]
+def make_mla_decode(variant: str):
+    """The launcher bound to one kernel variant (benchmarks register v1 and v2 side by side)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+
+    def launch(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
+               kv_scale=1.0):
+        mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v,
+                   kv_scale, variant=variant)
+
+    launch.__name__ = f"mla_decode_{variant}"
+    return launch
+
+
+__all__ = ["VARIANTS", "compile_kernel", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2",
+           "register", "shape_classes", "supports"]
