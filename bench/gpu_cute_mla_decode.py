@@ -181,6 +181,8 @@ def main():
     ap.add_argument("--presets", default="latency,memory,spec,compute")
     ap.add_argument("--check", default="cute", help="backends to run the full conformance grid on ('' = none)")
     ap.add_argument("--backends", default="triton,cute", help="backends to time side by side")
+    ap.add_argument("--check-late", default="", help="backends to check after the benchmark, time permitting")
+    ap.add_argument("--late-need-s", type=float, default=80.0, help="time a late check needs")
     args = ap.parse_args()
     device = torch.device("cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -204,7 +206,7 @@ def main():
     log(f"ceilings: copy {ceil.copy_gbps} GB/s, bf16 GEMM {ceil.gemm_tflops} TFLOP/s")
     backends = args.backends.split(",")
     rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s, backends)
-    print("summary", summary)
+    print("summary (early)", summary)
     print(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s; "
           "cells: us / %copy / %gemm (CUDA-graph replay, L2 flushed)")
     print("| preset | B | q | H | s_k | " + " | ".join(backends) + " | best cute vs triton |")
@@ -223,6 +225,15 @@ def main():
         d = {k: v for k, v in r.items() if k.endswith("_vs_triton") or k.endswith("error")}
         if d:
             print(r["preset"], r["B"], r["q_len"], r["H"], r["s_k"], d)
+    for be in filter(None, args.check_late.split(",")):
+        if time.time() + args.late_need_s > T0 + args.budget_s:
+            log(f"no time left for the conformance grid of {be}")
+            continue
+        try:
+            summary[be + "_conformance"] = conformance(reg, args.out, be)
+        except Exception:
+            traceback.print_exc()
+    print("summary", summary)
 
 
 if __name__ == "__main__":

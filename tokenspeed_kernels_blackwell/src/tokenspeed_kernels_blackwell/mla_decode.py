@@ -66,9 +66,15 @@ def supports(sig) -> str | None:
 # v1: mma.sync + 2-stage cp.async of 64-row tiles (docs/cute.md). v2: wgmma (SS for QK^T, RS for
 # PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
 VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2)}
-# The variant the registered implementation launches. v2 has not yet passed the conformance kit on
-# hardware, so it is opt-in: TOKENSPEED_CUTE_MLA_VARIANT=v2 (read once, at import).
-DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v1")
+# The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
+# import). "v2" passed the conformance kit's full grid on an H200 (46 pass, 27 skipped by
+# `supports`, graph replay == eager). "v2_n64" is faster on every measured row but has so far only
+# been cross-checked against Triton on the 14 benchmark shapes, not run through the grid: opt-in.
+DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v2")
+# v2 beat Triton on an H200 (docs/perf/cute.md, run 2) on 7 of 8 rows with >= 64 folded rows
+# (H x q_len: all 6 compute-bound rows 1.34-1.52x; lost b = 1 H 128 16K) and lost on every row
+# with 16 (memory-bound: 58-59% of copy against Triton's 68-73%; b = 1 latency)
+V2_WINS_FROM_ROWS = 64
 
 
 # -- compilation ---------------------------------------------------------------------------------
@@ -194,7 +200,10 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         return
     dev = q.device
     cap = torch.cuda.get_device_capability(dev)
-    fn = compile_kernel(TARGETS[cap], q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant)
+    arch = TARGETS[cap]
+    if variant != "v1" and arch != "sm_90a":
+        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use v1)")
+    fn = compile_kernel(arch, q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant)
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     sms = _num_sms.get(idx)
     if sms is None:
@@ -232,20 +241,33 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 
 
 # -- registration --------------------------------------------------------------------------------
-SM90_STATUS = "sm_90a: mma.sync + cp.async v1 (not yet wgmma/TMA)"
+SM90_STATUS = (f"sm_90a: {DEFAULT_VARIANT} kernel" + (" (wgmma + 4-stage cp.async ring; preferred over Triton for "
+               f"H x q_len >= {V2_WINS_FROM_ROWS})" if DEFAULT_VARIANT.startswith("v2") else " (mma.sync + cp.async)"))
 SM100_UNAVAILABLE = (
     "sm_100a (tcgen05/TMEM) variant not written yet; the sm_90a mma.sync kernel compiles for "
     "sm_100a in CI but has not run on Blackwell hardware"
 )
 
 
-def register(registry, backend: str, priority) -> None:
+def rank_for(priority, preferred):
+    """Per-signature priority: ``preferred`` where the registered variant measured faster than
+    Triton (v2: H x q_len >= 64), ``priority`` elsewhere (still selectable when forced)."""
+    if preferred is None or not DEFAULT_VARIANT.startswith("v2"):
+        return None
+
+    def rank(sig) -> int:
+        return preferred if sig.dim("H") * sig.dim("Q") >= V2_WINS_FROM_ROWS else priority
+
+    return rank
+
+
+def register(registry, backend: str, priority, preferred=None) -> None:
     # No GPU needs no reason here: selection rejects non-CUDA devices and other capabilities
     # itself, and says so in explain().
     missing = missing_dependency()
     registry.register(
         OP, mla_decode, backend=backend, devices=("cuda",), capability=((9, 0), (9, 0)),
-        dtypes=DTYPES, supports=supports, priority=priority,
+        dtypes=DTYPES, supports=supports, priority=priority, rank=rank_for(priority, preferred),
         doc="CuTe DSL MLA decode, sm_90a (q_len folded into heads, split-KV + combine, LSE)",
         status=SM90_STATUS, unavailable=missing,
     )
@@ -275,5 +297,5 @@ def make_mla_decode(variant: str):
     return launch
 
 
-__all__ = ["VARIANTS", "compile_kernel", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2",
+__all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2",
            "register", "shape_classes", "supports"]

@@ -21,8 +21,10 @@ def missing_dependency() -> str:
 @tokenspeed_core.hookimpl
 def tokenspeed_register_kernels(registry: Registry) -> None:
     if mla_decode.OP in registry.specs:
-        # Correct on Hopper (conformance, H200) but slower than the Triton kernel on every preset
-        # row measured with graph replay (docs/perf/cute.md): it stands below the portable band,
-        # so it is used only when forced (TOKENSPEED_KERNEL_MLA_DECODE=cute) until the wgmma/TMA
-        # version beats Triton; then it moves up to Priority.SPECIALISED.
-        mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10)
+        # v2 (wgmma) passed the conformance kit on an H200 and beat the Triton kernel on 7 of the
+        # 8 measured rows with >= 64 folded rows (H x q_len; all 6 compute-bound rows 1.34-1.52x;
+        # lost b = 1, H 128, 16K, where fixed costs dominate and the signature has no batch); it
+        # lost on every 16-row row (memory-bound, b = 1) (docs/perf/cute.md, run 2). So:
+        # SPECIALISED for >= 64 rows, below the portable band elsewhere (used there only when
+        # forced: TOKENSPEED_KERNEL_MLA_DECODE=cute).
+        mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10, preferred=Priority.SPECIALISED)
