@@ -138,6 +138,7 @@ SHAPES = [
 SHAPES_V2 = [
     ("bfloat16", 16, 1, 64, "v2"), ("bfloat16", 128, 4, 128, "v2"), ("float16", 32, 3, 64, "v2"),
     ("bfloat16", 16, 1, 64, "v2_n64"), ("bfloat16", 128, 1, 64, "v2_n64"),
+    ("bfloat16", 16, 1, 64, "v2_n64_c8"),
 ]
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -170,7 +171,7 @@ def test_compiles_for_target(arch, tmp_path):
         assert text.count("mma.sync.aligned.m16n8k16") > 0, "tensor-core MMA missing"
 
 
-@pytest.mark.parametrize("variant", ["v2", "v2_n64"])
+@pytest.mark.parametrize("variant", ["v2", "v2_n64", "v2_n64_c8"])
 def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
@@ -194,3 +195,7 @@ def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
         assert text.count("wgmma.mma_async.sync.aligned.m64n256k16") == n // 16, p
         # cp.async writes must be made visible to the tensor cores' async proxy
         assert "fence.proxy.async.shared::cta" in text, p
+        # the combine kernel (the second entry): one lse + 4 O loads per split, x unroll factor
+        combine = text.split(".entry ")[2]
+        unroll = cute_mla.VARIANTS[variant].get("combine_unroll", 1)
+        assert combine.count("ld.global") >= 6 * unroll, (variant, combine.count("ld.global"))

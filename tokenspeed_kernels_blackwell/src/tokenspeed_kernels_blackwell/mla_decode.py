@@ -65,7 +65,10 @@ def supports(sig) -> str | None:
 # -- kernel variants -----------------------------------------------------------------------------
 # v1: mma.sync + 2-stage cp.async of 64-row tiles (docs/cute.md). v2: wgmma (SS for QK^T, RS for
 # PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
-VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2)}
+# "v2_n64_c8" = v2_n64 with the combine's loops over splits unrolled 8x (8 loads in flight per
+# thread instead of one dependent load per split: b = 1 runs ~120 splits); never run on hardware.
+VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
+            "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). "v2" passed the conformance kit's full grid on an H200 (46 pass, 27 skipped by
 # `supports`, graph replay == eager). "v2_n64" is faster on every measured row but has so far only

@@ -43,6 +43,10 @@ LN_2 = 0.6931471805599453
 class MlaDecodeSplitKV:
     """Static configuration of one compiled kernel (one shape class)."""
 
+    # unroll factor of the combine kernel's loops over splits: 1 keeps one dependent global load
+    # in flight per thread and split (v1, v2 as validated); a variant may raise it
+    combine_unroll = 1
+
     def __init__(self, dtype, num_heads: int, q_len: int, head_dim: int, head_dim_v: int, page_size: int):
         if page_size % BLOCK_N:
             raise ValueError(f"page_size must be a multiple of {BLOCK_N}, got {page_size}")
@@ -328,14 +332,14 @@ class MlaDecodeSplitKV:
         m, b, _ = cute.arch.block_idx()
         num_splits = mOPart.shape[1]
         lse_max = -cutlass.Float32.inf
-        for s in cutlass.range(num_splits, unroll=1):
+        for s in cutlass.range(num_splits, unroll=self.combine_unroll):
             lse_max = cute.arch.fmax(lse_max, mLsePart[b, s, m])
         safe = 0.0 if lse_max == -cutlass.Float32.inf else lse_max
         acc = cute.make_rmem_tensor((4,), cutlass.Float32)
         acc.fill(0.0)
         weight_sum = cutlass.Float32(0.0)
         col0 = tidx * 4
-        for s in cutlass.range(num_splits, unroll=1):
+        for s in cutlass.range(num_splits, unroll=self.combine_unroll):
             w = cute.math.exp2((mLsePart[b, s, m] - safe) * LOG2_E, fastmath=True)
             weight_sum = weight_sum + w
             for j in cutlass.range_constexpr(4):

@@ -36,8 +36,10 @@ NUM_THREADS = 256  # two warpgroups, each owning half of Dv
 class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
     """Static configuration of one compiled v2 kernel (one shape class, one tile config)."""
 
-    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=32, stages=4):
+    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=32, stages=4,
+                 combine_unroll=1):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size)
+        self.combine_unroll = combine_unroll
         if page_size % block_n or block_n not in (32, 64) or stages < 2:
             raise ValueError(f"unsupported tile config block_n={block_n} stages={stages}")
         self.block_n = block_n
