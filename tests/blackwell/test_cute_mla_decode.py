@@ -116,11 +116,12 @@ def test_v2_ranks_above_triton_only_where_it_measured_faster():
 
 
 def test_variant_switch():
-    # "v2" passed the full conformance grid on an H200; "v2_n64" has not: it stays opt-in
+    # "v2" passed the full conformance grid on an H200; the others have not: they stay opt-in
     assert cute_mla.DEFAULT_VARIANT == os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v2")
-    assert set(cute_mla.VARIANTS) >= {"v1", "v2", "v2_n64"}
+    assert set(cute_mla.VARIANTS) >= {"v1", "v2", "v2_n64", "v2_n64_c8", "v3"}
+    assert cute_mla.make_mla_decode("v3").__name__ == "mla_decode_v3"
     with pytest.raises(ValueError, match="unknown variant"):
-        cute_mla.make_mla_decode("v3")
+        cute_mla.make_mla_decode("v4")
     with pytest.raises(ValueError, match="unknown variant"):
         cute_mla.compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64, variant="nope")
 
@@ -139,6 +140,7 @@ SHAPES_V2 = [
     ("bfloat16", 16, 1, 64, "v2"), ("bfloat16", 128, 4, 128, "v2"), ("float16", 32, 3, 64, "v2"),
     ("bfloat16", 16, 1, 64, "v2_n64"), ("bfloat16", 128, 1, 64, "v2_n64"),
     ("bfloat16", 16, 1, 64, "v2_n64_c8"),
+    ("bfloat16", 16, 1, 64, "v3"), ("bfloat16", 128, 4, 128, "v3"),
 ]
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -171,7 +173,7 @@ def test_compiles_for_target(arch, tmp_path):
         assert text.count("mma.sync.aligned.m16n8k16") > 0, "tensor-core MMA missing"
 
 
-@pytest.mark.parametrize("variant", ["v2", "v2_n64", "v2_n64_c8"])
+@pytest.mark.parametrize("variant", ["v2", "v2_n64", "v2_n64_c8", "v3"])
 def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
@@ -185,13 +187,14 @@ def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
     ptx = glob.glob(str(tmp_path / "*.ptx"))
     assert len(ptx) == len(shapes), [os.path.basename(p)[-40:] for p in ptx]
     n = cute_mla.VARIANTS[variant]["block_n"]
+    s_n = n // 2 if variant == "v3" else n  # v3: each warpgroup computes half of S's columns
     for p in ptx:
         text = open(p).read()
         assert ".target sm_90a" in text, p
         assert "mma.sync" not in text, "v2 must not fall back to warp-level MMA"
         # S = Q K^T: D / 16 = 36 k-steps of m64 n<block_n>; O += P V: m64 n256 (half of Dv per
         # warpgroup), block_n / 16 k-steps
-        assert text.count(f"wgmma.mma_async.sync.aligned.m64n{n}k16") == 576 // 16, p
+        assert text.count(f"wgmma.mma_async.sync.aligned.m64n{s_n}k16") == 576 // 16, p
         assert text.count("wgmma.mma_async.sync.aligned.m64n256k16") == n // 16, p
         # cp.async writes must be made visible to the tensor cores' async proxy
         assert "fence.proxy.async.shared::cta" in text, p

@@ -67,8 +67,11 @@ def supports(sig) -> str | None:
 # PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
 # "v2_n64_c8" = v2_n64 with the combine's loops over splits unrolled 8x (8 loads in flight per
 # thread instead of one dependent load per split: b = 1 runs ~120 splits); never run on hardware.
+# "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py);
+# never run on hardware.
 VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
-            "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8)}
+            "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8),
+            "v3": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). "v2" passed the conformance kit's full grid on an H200 (46 pass, 27 skipped by
 # `supports`, graph replay == eager). "v2_n64" is faster on every measured row but has so far only
@@ -136,11 +139,16 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
     )
     if variant == "v1":
         kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    else:
+    elif variant.startswith("v2"):
         from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
 
         kernel = MlaDecodeSplitKVWgmma(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
                                        **VARIANTS[variant])
+    else:
+        from .mla_decode_kernel_v3 import MlaDecodeSplitKVSharedS
+
+        kernel = MlaDecodeSplitKVSharedS(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
+                                         **VARIANTS[variant])
     prev = os.environ.get("CUTE_DSL_ARCH")
     os.environ["CUTE_DSL_ARCH"] = arch
     try:

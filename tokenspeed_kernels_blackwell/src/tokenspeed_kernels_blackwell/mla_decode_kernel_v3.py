@@ -1,0 +1,283 @@
+"""CuTe DSL MLA decode, v3 for sm_90a: v2 with ONE S per CTA, shared by the two warpgroups.
+
+Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
+installed). Same interface, splits, masking, loader and combine as v2
+(:mod:`.mla_decode_kernel_v2`); the difference is who computes S (docs/cute.md, "v3"):
+
+- v2: both warpgroups compute the whole S = Q K^T of a 64-row KV tile (m64 n64), i.e. a third of
+  the tensor work is duplicated and Q is re-read from smem by both.
+- v3: warpgroup w computes S for KV rows [32 w, 32 w + 32) of the tile (m64 n32). The online
+  softmax needs one max per row over all 64 columns: each warpgroup publishes its row maxima in
+  smem, both take the max of the two (fmax is exact, so both get the same value and scale P and
+  O identically). Each writes its P half (16-bit) into a 64 x 64 K-major smem tile, and then
+  both run O[:, own Dv half] += P V as an SS wgmma (m64 n256 k16, 4 k-steps) over the whole P.
+  Row sums stay per-warpgroup partials (same scale factors) and are added once at the end.
+- Costs: two CTA barriers per tile (row maxima, P) and 8 KB of P written to smem per tile.
+
+Status: compiled, never run on hardware (not validated by the conformance kit).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+
+from .mla_decode_kernel_v2 import (
+    BLOCK_M,
+    NUM_THREADS,
+    MlaDecodeSplitKVWgmma,
+    _mn_view_sm90,
+    _quad_max,
+    _quad_sum,
+    _wgmma,
+)
+
+
+class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
+    """v3: 64-row KV tiles, S split by columns between the two warpgroups, P shared in smem."""
+
+    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
+                 combine_unroll=1):
+        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n, stages,
+                         combine_unroll)
+        self.half_n = block_n // 2
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
+        stream,
+    ):
+        dtype = self.dtype
+        k_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.K_SW128, dtype)
+        mn_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.MN_SW128, dtype)
+        sQ_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.D), (0, 1))
+        sKV_layout = cute.tile_to_shape(k_atom, (self.block_n, self.D, self.stages), (0, 1, 2))
+        sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, self.block_n), (1, 0))
+        # P: the A operand of PV, (64 rows, block_n keys), K-major like Q
+        sP_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.block_n), (0, 1))
+
+        @cute.struct
+        class SharedStorage:
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+            # per warpgroup and row: the tile's row maximum, at the end the partial row sum
+            sRow: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
+
+        copy_bits = 128
+        g2s_atom = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
+        )
+        thr_layout = cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1))
+        g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+
+        mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.half_n),
+        )
+        mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.dv_half),
+        )
+
+        batch = mQ.shape[0]
+        num_splits = mOPart.shape[1]
+        m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
+        self.attention_kernel_v3(
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, mma_qk, mma_pv, SharedStorage,
+        ).launch(
+            grid=[m_blocks, num_splits, batch],
+            block=[NUM_THREADS, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+        )
+        self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale).launch(
+            grid=[self.M, batch, 1],
+            block=[self.Dv // 4, 1, 1],
+            stream=stream,
+        )
+
+    @cute.kernel
+    def attention_kernel_v3(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        sVt_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+        g2s_copy: cute.TiledCopy,
+        mma_qk: cute.TiledMma,
+        mma_pv: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        BN = self.block_n
+        HN = self.half_n
+        STAGES = self.stages
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, split, b = cute.arch.block_idx()
+        num_splits = cute.arch.grid_dim()[1]
+        wg = tidx // 128
+        wg_tidx = tidx % 128
+
+        n = mSeqlens[b]
+        n_tiles = (n + BN - 1) // BN
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        row0 = m_block * BLOCK_M
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sRow = storage.sRow.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
+
+        # ---- Q once, then the first STAGES - 1 KV tiles (one commit group each) ----
+        thr_g2s = g2s_copy.get_slice(tidx)
+        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
+        tQgQ = thr_g2s.partition_S(gQ)
+        tQsQ = thr_g2s.partition_D(sQ)
+        tQc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
+        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+            if row0 + tQc[0, r, 0][0] < self.M:
+                cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
+            else:
+                tQsQ[None, r, None].fill(0)
+        tKVc = thr_g2s.partition_S(cute.make_identity_tensor((BN, self.D)))
+        for s in cutlass.range_constexpr(STAGES - 1):
+            if t_begin + s < t_end:
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sKV, thr_g2s, g2s_copy, tKVc)
+            cute.arch.cp_async_commit_group()
+
+        # ---- fragments: S half of this warpgroup; O half of this warpgroup over the whole P ----
+        thr_qk = mma_qk.get_slice(wg_tidx)
+        thr_pv = mma_pv.get_slice(wg_tidx)
+        tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        acc_shape_S = thr_qk.partition_shape_C((BLOCK_M, HN))
+        tOrP = mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+        tPsP = thr_qk.partition_C(cute.local_tile(sP, (BLOCK_M, HN), (0, wg)))  # where this wg's P goes
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BLOCK_M, self.dv_half)), cutlass.Float32)
+        acc_O.fill(0.0)
+        acc_O_mn = _mn_view_sm90(acc_O)
+
+        tScS_mn = _mn_view_sm90(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, HN))))
+        rows_per_thr = cute.size(tScS_mn, mode=[0])
+        cols_per_thr = cute.size(tScS_mn, mode=[1])
+        row_max = cute.make_rmem_tensor((rows_per_thr,), cutlass.Float32)
+        row_sum = cute.make_rmem_tensor((rows_per_thr,), cutlass.Float32)  # over this wg's columns
+        row_max.fill(-cutlass.Float32.inf)
+        row_sum.fill(0.0)
+        row_limit = cute.make_rmem_tensor((rows_per_thr,), cutlass.Int32)
+        for r in cutlass.range_constexpr(rows_per_thr):
+            m = row0 + tScS_mn[r, 0][0]
+            row_limit[r] = n - self.Q + cutlass.min(m, self.M - 1) // self.H
+
+        for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
+            stage = (tile - t_begin) % STAGES
+            cute.arch.cp_async_wait_group(STAGES - 2)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            # also: every warpgroup is done with the previous tile's sRow, sP and KV slot
+            cute.arch.sync_threads()
+            nxt = tile + STAGES - 1
+            if nxt < t_end:
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sKV, thr_g2s,
+                                     g2s_copy, tKVc)
+            cute.arch.cp_async_commit_group()
+
+            sK = sKV[None, None, stage]
+            # ---- S half = Q K[wg half]^T ----
+            tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK, (HN, self.D), (wg, 0))))
+            acc_S = cute.make_rmem_tensor(acc_shape_S, cutlass.Float32)
+            _wgmma(mma_qk, acc_S, tSrQ, tSrK, True)
+
+            # ---- mask, scale, this half's row maxima -> smem ----
+            acc_S_mn = _mn_view_sm90(acc_S)
+            pos0 = tile * BN + wg * HN
+            tile_max = cute.make_rmem_tensor((rows_per_thr,), cutlass.Float32)
+            for r in cutlass.range_constexpr(rows_per_thr):
+                for c in cutlass.range_constexpr(cols_per_thr):
+                    if pos0 + tScS_mn[0, c][1] > row_limit[r]:
+                        acc_S_mn[r, c] = -cutlass.Float32.inf
+                    else:
+                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
+                tile_max[r] = _quad_max(acc_S_mn[r, None].load().reduce(
+                    cute.ReductionOp.MAX, -cutlass.Float32.inf, 0))
+                if tidx % 4 == 0:
+                    sRow[tScS_mn[r, 0][0], wg] = tile_max[r]
+            cute.arch.sync_threads()
+
+            # ---- online softmax with the row max over both halves (same in both warpgroups) ----
+            for r in cutlass.range_constexpr(rows_per_thr):
+                other = sRow[tScS_mn[r, 0][0], 1 - wg]
+                m_new = cute.arch.fmax(cute.arch.fmax(row_max[r], tile_max[r]), other)
+                m_safe = 0.0 if m_new == -cutlass.Float32.inf else m_new
+                p_row = cute.math.exp2(acc_S_mn[r, None].load() - m_safe, fastmath=True)
+                alpha = cute.math.exp2(row_max[r] - m_safe, fastmath=True)
+                row_sum[r] = row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                row_max[r] = m_new
+                acc_S_mn[r, None] = p_row
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+
+            # ---- this half of P -> smem (16-bit), visible to the tensor cores ----
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            rP.store(acc_S.load().to(self.dtype))
+            for i in cutlass.range_constexpr(cute.size(rP)):
+                tPsP[i] = rP[i]
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.sync_threads()
+
+            # ---- O[:, wg half] += P V over the whole tile: SS wgmma ----
+            sVt = cute.make_tensor(sKV[None, None, stage].iterator, sVt_layout.outer)
+            tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(cute.local_tile(sVt, (self.dv_half, BN), (wg, 0))))
+            _wgmma(mma_pv, acc_O, tOrP, tOrV, False)
+
+        cute.arch.cp_async_wait_group(0)
+
+        # ---- epilogue: add the two warpgroups' partial row sums, normalise, write ----
+        cute.arch.sync_threads()
+        for r in cutlass.range_constexpr(rows_per_thr):
+            row_sum[r] = _quad_sum(row_sum[r])
+            if tidx % 4 == 0:
+                sRow[tScS_mn[r, 0][0], wg] = row_sum[r]
+        cute.arch.sync_threads()
+        for r in cutlass.range_constexpr(rows_per_thr):
+            total = row_sum[r] + sRow[tScS_mn[r, 0][0], 1 - wg]
+            empty = total == 0.0
+            inv = 0.0 if empty else 1.0 / total
+            lse = -cutlass.Float32.inf if empty else (row_max[r] + cute.math.log2(total)) * 0.6931471805599453
+            acc_O_mn[r, None] = acc_O_mn[r, None].load() * inv
+            m = row0 + tScS_mn[r, 0][0]
+            if wg == 0:
+                if tidx % 4 == 0:
+                    if m < self.M:
+                        mLsePart[b, split, m] = lse
+
+        cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
+        col0 = wg * self.dv_half
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            m = row0 + cO[i][0]
+            if m < self.M:
+                mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+
+
+__all__ = ["MlaDecodeSplitKVSharedS"]
