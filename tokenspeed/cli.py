@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 continue
             cases = spec.presets[preset]
         backends = args.backends.split(",") if args.backends else None
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task(op, total=None)
             rows = run_bench(op, cases, registry=reg, device=device, ceilings=ceilings, backends=backends,
                              iters=args.iters, cuda_graph=args.graph,
