@@ -165,8 +165,8 @@ def test_silu_and_mul_reference(dtype):
     call = _run_reference(sm.SPEC, dict(T=3, N=37, dtype=dtype))
     x = call.tensors["x"].double()
     g, u = x[:, 0], x[:, 1]
-    expected = torch.tensor([[a / (1 + math.exp(-a)) * b for a, b in zip(gr, ur)]
-                             for gr, ur in zip(g.tolist(), u.tolist())], dtype=torch.float64)
+    expected = torch.tensor([[a / (1 + math.exp(-a)) * b for a, b in zip(gr, ur, strict=True)]
+                             for gr, ur in zip(g.tolist(), u.tolist(), strict=True)], dtype=torch.float64)
     _close(call.tensors["out"], expected, dtype)
 
 
