@@ -34,7 +34,8 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "tokenspeed_core", "tokenspeed", "tests", "noxfile.py")
+    session.run("ruff", "check", "tokenspeed_core", "tokenspeed", "tokenspeed_kernels_triton",
+                "tokenspeed_kernels_blackwell", "examples", "tests", "noxfile.py")
 
 
 @nox.session
