@@ -13,23 +13,13 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-import tokenspeed_core  # noqa: E402
 from tokenspeed_core import KernelImpl  # noqa: E402
 from tokenspeed_core.ops.mla_decode import SPEC  # noqa: E402
 from tokenspeed_core.testing import check_backend, run_case  # noqa: E402
 from tokenspeed_kernels_triton import mla_decode as kernel  # noqa: E402
-from tokenspeed_kernels_triton import plugin  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
-
-
-@pytest.fixture(scope="module")
-def registry():
-    reg = tokenspeed_core.build_registry(entry_points=False)
-    with reg.registering_as("triton"):
-        kernel.register(reg, plugin.common())
-    return reg
 
 
 def test_conformance_small_grid(registry):

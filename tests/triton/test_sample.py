@@ -27,16 +27,6 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def registry():
-    reg = tokenspeed_core.build_registry(entry_points=False)
-    from tokenspeed_kernels_triton import plugin
-
-    with reg.registering_as("triton"):
-        plugin.tokenspeed_register_kernels(registry=reg)
-    return reg
-
-
 @triton.jit
 def _hash_probe(seeds_ptr, offsets_ptr, bits_in_ptr, bits_ptr, e_ptr, V, BLOCK: tl.constexpr):
     row = tl.program_id(0)
