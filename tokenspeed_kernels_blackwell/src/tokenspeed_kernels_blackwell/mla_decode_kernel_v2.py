@@ -27,7 +27,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 
-from .mla_decode_kernel import MlaDecodeSplitKV
+from .mla_decode_kernel import MlaDecodeSplitKV, _quad_max, _quad_sum
 
 BLOCK_M = 64  # wgmma M: folded (q_len x heads) rows per CTA
 NUM_THREADS = 256  # two warpgroups, each owning half of Dv
@@ -306,18 +306,6 @@ def _acc_as_A_operand_sm90(acc_layout):
         stride=((d.stride[0][0], d.stride[0][1], d.stride[0][2][0]), d.stride[1],
                 (d.stride[0][2][1], d.stride[2])),
     )
-
-
-@cute.jit
-def _quad_max(v: cutlass.Float32) -> cutlass.Float32:
-    v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31))
-    return cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31))
-
-
-@cute.jit
-def _quad_sum(v: cutlass.Float32) -> cutlass.Float32:
-    v = v + cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31)
-    return v + cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31)
 
 
 __all__ = ["BLOCK_M", "MlaDecodeSplitKVWgmma"]
