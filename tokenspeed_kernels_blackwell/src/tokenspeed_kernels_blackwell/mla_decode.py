@@ -66,21 +66,21 @@ def supports(sig) -> str | None:
 # v1: mma.sync + 2-stage cp.async of 64-row tiles (docs/cute.md). v2: wgmma (SS for QK^T, RS for
 # PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
 # "v2_n64_c8" = v2_n64 with the combine's loops over splits unrolled 8x (8 loads in flight per
-# thread instead of one dependent load per split: b = 1 runs ~120 splits); never run on hardware.
-# "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py);
-# never run on hardware.
+# thread instead of one dependent load per split: b = 1 runs ~120 splits).
+# "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py).
 VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
             "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8),
             "v3": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
-# import). "v2" passed the conformance kit's full grid on an H200 (46 pass, 27 skipped by
-# `supports`, graph replay == eager). "v2_n64" is faster on every measured row but has so far only
-# been cross-checked against Triton on the 14 benchmark shapes, not run through the grid: opt-in.
-DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v2")
-# v2 beat Triton on an H200 (docs/perf/cute.md, run 2) on 7 of 8 rows with >= 64 folded rows
-# (H x q_len: all 6 compute-bound rows 1.34-1.52x; lost b = 1 H 128 16K) and lost on every row
-# with 16 (memory-bound: 58-59% of copy against Triton's 68-73%; b = 1 latency)
-V2_WINS_FROM_ROWS = 64
+# import). Every wgmma variant passed the conformance kit's full grid on hardware (46 pass, 27
+# skipped by `supports`, graph replay == eager): v2 on an H200, v2_n64 / v2_n64_c8 / v3 on an
+# H100 (docs/perf/cute.md, run 3). v3 is the fastest of them on all 24 rows of that run.
+DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v3")
+# Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
+# every row of its class (None: nowhere). v3 and v2_n64_c8 beat Triton on all 24 rows of run 3
+# (H100: memory-bound 1.22-1.25x, b = 1 1.07-1.44x, compute-bound 1.6-2.1x); v2 and v2_n64 lost
+# the rows with 16 folded rows (run 2 on an H200, run 3 b = 1 on an H100).
+WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1}
 
 
 # -- compilation ---------------------------------------------------------------------------------
@@ -252,8 +252,10 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 
 
 # -- registration --------------------------------------------------------------------------------
-SM90_STATUS = (f"sm_90a: {DEFAULT_VARIANT} kernel" + (" (wgmma + 4-stage cp.async ring; preferred over Triton for "
-               f"H x q_len >= {V2_WINS_FROM_ROWS})" if DEFAULT_VARIANT.startswith("v2") else " (mma.sync + cp.async)"))
+_KERNEL_DESC = {"v1": "mma.sync + cp.async", "v3": "wgmma, one S per CTA, 2-stage cp.async"}
+SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
+    "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
+    f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")
 SM100_UNAVAILABLE = (
     "sm_100a (tcgen05/TMEM) variant not written yet; the sm_90a mma.sync kernel compiles for "
     "sm_100a in CI but has not run on Blackwell hardware"
@@ -262,12 +264,13 @@ SM100_UNAVAILABLE = (
 
 def rank_for(priority, preferred):
     """Per-signature priority: ``preferred`` where the registered variant measured faster than
-    Triton (v2: H x q_len >= 64), ``priority`` elsewhere (still selectable when forced)."""
-    if preferred is None or not DEFAULT_VARIANT.startswith("v2"):
+    Triton (``WINS_FROM_ROWS``), ``priority`` elsewhere (still selectable when forced)."""
+    wins_from = WINS_FROM_ROWS[DEFAULT_VARIANT]
+    if preferred is None or wins_from is None:
         return None
 
     def rank(sig) -> int:
-        return preferred if sig.dim("H") * sig.dim("Q") >= V2_WINS_FROM_ROWS else priority
+        return preferred if sig.dim("H") * sig.dim("Q") >= wins_from else priority
 
     return rank
 

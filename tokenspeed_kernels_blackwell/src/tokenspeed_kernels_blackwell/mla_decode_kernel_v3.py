@@ -14,7 +14,8 @@ installed). Same interface, splits, masking, loader and combine as v2
   Row sums stay per-warpgroup partials (same scale factors) and are added once at the end.
 - Costs: two CTA barriers per tile (row maxima, P) and 8 KB of P written to smem per tile.
 
-Status: compiled, never run on hardware (not validated by the conformance kit).
+Status: the registered default. Passed the conformance kit's full grid on an H100 (46 pass, 27
+skipped by ``supports``; graph replay == eager); timings in docs/perf/cute.md, run 3.
 """
 
 from __future__ import annotations
