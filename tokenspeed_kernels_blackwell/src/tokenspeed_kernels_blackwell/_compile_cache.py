@@ -55,8 +55,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def clear() -> int:
 
 
 # -- key -----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_hash(package_dir: str | None = None) -> str:
     """sha256 over the relative names and bytes of every ``*.py`` file of the package (once per
     process: a kernel edited while a process runs is picked up by the next process)."""
@@ -119,7 +120,7 @@ def source_hash(package_dir: str | None = None) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_versions() -> tuple[tuple[str, str], ...]:
     """(distribution, version) of every installed ``nvidia-cutlass-dsl*`` (the libs-cu12 and
     libs-cu13 builds differ) and of ``apache-tvm-ffi``; "missing" where one is absent."""
@@ -241,13 +242,13 @@ def _warn(msg: str) -> None:
 def _load(d: Path, key: CacheKey) -> Any | None:
     index = d / f"{key.digest}.json"
     try:
-        text = index.read_text()
-    except FileNotFoundError:
+        raw = index.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder): a miss
         return None
     except OSError as e:
         return _reject(index, f"unreadable: {e}")
     try:
-        entry = json.loads(text)
+        entry = json.loads(raw)
         obj = d / entry["object"]
         if entry.get("key") != key.fields():
             return _reject(index, "key fields differ from the wanted key")
