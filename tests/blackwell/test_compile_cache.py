@@ -159,6 +159,16 @@ def test_switched_off_compiles_every_time_and_writes_nothing(cache, monkeypatch,
     assert not cache.exists() and cc.stats.compiles == 2 and cc.stats.loads == 0
 
 
+@pytest.mark.parametrize("var", ["CUTE_DSL_KEEP", "CUTE_DSL_KEEP_PTX"])
+def test_asking_the_dsl_for_ptx_turns_the_cache_off(cache, monkeypatch, var):
+    # a load dumps no PTX: tests/blackwell/test_cute_mla_decode.py compiles with CUTE_DSL_KEEP=ptx
+    # and counts the dumped files
+    monkeypatch.setenv(var, "ptx" if var == "CUTE_DSL_KEEP" else "1")
+    assert not cc.enabled()
+    monkeypatch.setenv(var, "0" if var == "CUTE_DSL_KEEP_PTX" else "")
+    assert cc.enabled()
+
+
 # -- store and load ------------------------------------------------------------------------------
 def test_miss_compiles_stores_and_every_later_call_loads(cache):
     k, comp = key(), Compiler()
@@ -198,6 +208,43 @@ def test_store_writes_temporaries_and_renames_object_before_index(cache, monkeyp
     monkeypatch.setattr(cc.os, "replace", recording_replace)
     cc.load_or_compile(k, Compiler(on_export=no_final_file_yet))
     assert len(renamed) == 2 and renamed[0].endswith(".o") and renamed[1] == f"{k.digest}.json"
+
+
+def test_readers_never_see_a_partial_entry_while_writers_replace_it(cache):
+    # writers keep re-storing the key with different object bytes (as two processes whose exports
+    # differ would); readers must always get a whole, checksummed entry, never a rejection
+    import threading
+
+    k = key()
+    cc.load_or_compile(k, Compiler())
+    stop, seen, errors = threading.Event(), [], []
+
+    def writer(i):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            cc._store(cache, k, FakeCompiled(b"w%d-%d-" % (i, n) + b"x" * 65536), 0.0)
+
+    def reader():
+        try:
+            for _ in range(300):
+                got = cc._load(cache, k)
+                assert isinstance(got, Loaded), got
+                seen.append(got.data[:8])
+        except BaseException as e:  # reported below: an assert in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads[2:]:
+        t.join()
+    stop.set()
+    for t in threads[:2]:
+        t.join()
+    assert not errors and cc.stats.rejected == 0, errors
+    assert len(seen) == 900 and len(set(seen)) > 1  # the readers did see the entry change
 
 
 def test_interrupted_store_leaves_nothing_and_is_not_fatal(cache):

@@ -38,8 +38,8 @@ Both are written to a temporary file in the same folder and renamed into place
 at once both compile and the last rename wins; the index always names a complete object
 whose checksum it holds. A reader that finds a missing or unreadable index, a missing object,
 a checksum mismatch, a key mismatch or an object that does not load warns and recompiles:
-nothing in the cache is ever fatal. ``TOKENSPEED_CUTE_CACHE=0`` turns the cache off;
-:func:`clear` empties it.
+nothing in the cache is ever fatal. ``TOKENSPEED_CUTE_CACHE=0`` turns the cache off, and so
+does ``CUTE_DSL_KEEP=ptx`` and the like (a load dumps no PTX); :func:`clear` empties it.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ _ENV_NOT_IN_KEY = ("CUTE_DSL_ARCH", "CUTE_DSL_CACHE_DIR", "CUTE_DSL_DUMP_DIR", "
                    "CUTE_DSL_LOG_TO_FILE", "CUTE_DSL_LOG_LEVEL", "CUTE_DSL_PRINT_IR", "CUTE_DSL_KEEP",
                    "CUTE_DSL_JIT_TIME_PROFILING", "CUTE_DSL_NO_CACHE", "CUTE_DSL_DISABLE_FILE_CACHING",
                    "CUTE_DSL_JIT_CACHE_MAX_ELEMS", "CUTE_DSL_FILTER_STACKTRACE", "CUTE_DSL_SHOW_STACKTRACE")
+_KEEP_VARS = ("CUTE_DSL_KEEP", "CUTE_DSL_KEEP_IR", "CUTE_DSL_KEEP_PTX", "CUTE_DSL_KEEP_CUBIN",
+              "CUTE_DSL_KEEP_SASS")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -87,8 +89,12 @@ def cache_dir() -> Path:
 
 
 def enabled() -> bool:
-    """False when ``TOKENSPEED_CUTE_CACHE`` is 0/false/off/no (read on every call)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
+    """False when ``TOKENSPEED_CUTE_CACHE`` is 0/false/off/no, or when ``CUTE_DSL_KEEP*`` asks
+    the DSL to dump IR/PTX/CUBIN/SASS: those are written by a compile, so a load would silently
+    produce none (the DSL turns its own cache off for them too). Read on every call."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in _OFF:
+        return False
+    return not any(os.environ.get(k, "").strip().lower() not in ("", "0", "false") for k in _KEEP_VARS)
 
 
 def clear() -> int:
