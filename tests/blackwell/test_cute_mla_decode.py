@@ -97,6 +97,34 @@ def test_num_splits_v2_fills_whole_waves():
     assert cute_mla.num_splits_v2(512, 1, 65536, sms) == 1
 
 
+def test_num_splits_one_wave_fills_the_wave_with_equal_splits():
+    sms = 132
+    for batch in (1, 2, 3, 4, 8, 16, 33, 64, 70, 128, 300):
+        for m_blocks in (1, 2, 8):
+            for rows in (64, 64 * 3, 100, 16384, 65536, 81920, 131072):
+                s = cute_mla.num_splits_one_wave(batch, m_blocks, rows, sms)
+                v2 = cute_mla.num_splits_v2(batch, m_blocks, rows, sms, 64)
+                tiles = -(-rows // 64)
+                per = -(-tiles // s)
+                assert 1 <= s <= min(tiles, cute_mla.MAX_KV_SPLITS)
+                assert per * (s - 1) < tiles, "a split of the longest request would be empty"
+                if batch * m_blocks * v2 <= sms:  # one wave: fill it, never pass it
+                    assert v2 <= s and batch * m_blocks * s <= sms, (batch, m_blocks, rows, s, v2)
+                    # no more splits than the longest split needs
+                    assert -(-tiles // (s - 1 or 1)) > per or s == 1
+                else:
+                    assert s == v2
+    assert cute_mla.num_splits_one_wave(1, 1, 16384, sms) == 128  # 2 tiles each; v2's rule: 119
+    assert cute_mla.num_splits_one_wave(1, 2, 65536, sms) == 64
+
+
+def test_split_bound_matches_the_combine():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    from tokenspeed_kernels_blackwell import mla_decode_combine
+
+    assert cute_mla.MAX_KV_SPLITS == mla_decode_combine.MAX_SPLITS
+
+
 @pytest.mark.skipif("TOKENSPEED_CUTE_MLA_VARIANT" in os.environ, reason="variant forced")
 def test_default_variant_ranks_above_triton_where_it_measured_faster():
     reg = _registry()
@@ -207,7 +235,9 @@ def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
         assert text.count("wgmma.mma_async.sync.aligned.m64n256k16") == n // 16, p
         # cp.async writes must be made visible to the tensor cores' async proxy
         assert "fence.proxy.async.shared::cta" in text, p
-        # the combine kernel (the second entry): one lse + 4 O loads per split, x unroll factor
+        # the combine kernel (the second entry): 4 O loads per split x the unroll factor, two
+        # loops over the splits' LSE, weights staged in smem, warp-shuffle reductions
         combine = text.split(".entry ")[2]
         unroll = cute_mla.VARIANTS[variant].get("combine_unroll", 1)
-        assert combine.count("ld.global") >= 6 * unroll, (variant, combine.count("ld.global"))
+        assert combine.count("ld.global") >= 4 * unroll + 2, (variant, combine.count("ld.global"))
+        assert "shfl.sync.bfly" in combine and "st.shared" in combine, variant

@@ -24,6 +24,7 @@ PAGE_MULTIPLE = 64  # a KV tile is 64 contiguous rows of one page
 HEAD_DIM, HEAD_DIM_V = 576, 512
 MAX_Q_LEN = 8
 MAX_HEADS = 128
+MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS: the combine stages one weight per split in smem
 DTYPES = (torch.bfloat16, torch.float16)
 # capability -> CUTE_DSL_ARCH of the kernel that runs there
 TARGETS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
@@ -199,9 +200,29 @@ def num_splits_v2(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: i
     return best
 
 
+def num_splits_one_wave(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: int = 64) -> int:
+    """KV splits per request for the wgmma variants: ``num_splits_v2``, except that when its CTAs
+    fit in one wave (small batches) the split count is raised to fill the whole wave, and then
+    lowered to the fewest splits with the same tiles per split (every split equally long).
+
+    Why: at b = 1 (16K tokens = 256 tiles) v2's rule gave 119 splits of up to 3 tiles (86 busy
+    CTAs, the critical path 3 tiles long); 128 splits of exactly 2 tiles shorten it by a third.
+    The combine pays per split, which is why ``MAX_KV_SPLITS`` bounds the count and the combine
+    spreads the splits over warps (mla_decode_combine.py). Static shapes only."""
+    per_split = max(1, batch * m_blocks)
+    tiles = max(1, -(-max_rows // block_n))
+    s = num_splits_v2(batch, m_blocks, max_rows, sms, block_n)
+    if per_split * s <= sms:
+        s = max(s, min(sms // per_split, tiles))
+        s = -(-tiles // -(-tiles // s))
+    return max(1, min(s, MAX_KV_SPLITS))
+
+
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
-               kv_scale=1.0, variant=None):
-    """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``."""
+               kv_scale=1.0, variant=None, num_kv_splits=None):
+    """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``.
+
+    ``num_kv_splits`` overrides the split rule (benchmarks sweep it); it must be >= 1."""
     from .mla_decode_kernel import BLOCK_M, softmax_scale_log2
 
     variant = variant or DEFAULT_VARIANT
@@ -221,10 +242,14 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         sms = _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     m = heads * q_len
     max_rows = page_table.shape[1] * kv_cache.shape[1]
-    if variant == "v1":
+    if num_kv_splits is not None:
+        splits = int(num_kv_splits)
+        if not 1 <= splits <= MAX_KV_SPLITS:
+            raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
+    elif variant == "v1":
         splits = num_splits(batch, -(-m // BLOCK_M), max_rows, sms)
     else:
-        splits = num_splits_v2(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"])
+        splits = num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"])
     o_part = torch.empty((batch, splits, m, head_dim_v), dtype=torch.float32, device=dev)
     lse_part = torch.empty((batch, splits, m), dtype=torch.float32, device=dev)
     out_c = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -311,5 +336,5 @@ def make_mla_decode(variant: str):
     return launch
 
 
-__all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2",
+__all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2", "num_splits_one_wave",
            "register", "shape_classes", "supports"]

@@ -19,8 +19,8 @@ Design (v1, "simplest correct"; see docs/cute.md):
   sm_100a both execute. Not wgmma/tcgen05 yet: that is the next step (docs/cute.md).
 - Split-KV: split ``s`` of request ``b`` takes an equal share of that request's 64-row tiles,
   computed on the device from ``cache_seqlens`` (no host sync, graph-capturable). It writes its
-  normalised partial O (fp32) and partial LSE; the combine kernel merges splits and applies
-  ``kv_scale`` to O.
+  normalised partial O (fp32) and partial LSE; the combine kernel (:mod:`.mla_decode_combine`)
+  merges splits and applies ``kv_scale`` to O.
 - Masking: key position p is visible to row qi iff ``p <= n - Q + qi``; rows past n are zero-
   filled in smem instead of loaded (a stale cache may hold NaN, and 0 * NaN is NaN).
 """
@@ -31,6 +31,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.nvgpu import cpasync, warp
 
+from .mla_decode_combine import SplitKVCombine
+
 BLOCK_M = 64  # folded (q_len x heads) rows per CTA
 BLOCK_N = 64  # cache rows per KV tile
 NUM_THREADS = 256  # two warpgroups, each owning half of Dv
@@ -40,12 +42,8 @@ LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 
 
-class MlaDecodeSplitKV:
+class MlaDecodeSplitKV(SplitKVCombine):
     """Static configuration of one compiled kernel (one shape class)."""
-
-    # unroll factor of the combine kernel's loops over splits: 1 keeps one dependent global load
-    # in flight per thread and split (v1, v2 as validated); a variant may raise it
-    combine_unroll = 1
 
     def __init__(self, dtype, num_heads: int, q_len: int, head_dim: int, head_dim_v: int, page_size: int):
         if page_size % BLOCK_N:
@@ -119,11 +117,7 @@ class MlaDecodeSplitKV:
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
         )
-        self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale).launch(
-            grid=[self.M, batch, 1],
-            block=[self.Dv // 4, 1, 1],
-            stream=stream,
-        )
+        self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
 
     # -- the split-KV attention kernel ---------------------------------------------------------
     @cute.kernel
@@ -317,38 +311,6 @@ class MlaDecodeSplitKV:
                 cute.copy(g2s_copy, tKVg[None, r, None], tKVs[None, r, None])
             else:
                 tKVs[None, r, None].fill(0)
-
-    # -- combine: merge the splits of one (request, row) -----------------------------------------
-    @cute.kernel
-    def combine_kernel(
-        self,
-        mOPart: cute.Tensor,
-        mLsePart: cute.Tensor,
-        mOut: cute.Tensor,
-        mLse: cute.Tensor,
-        kv_scale: cutlass.Float32,
-    ):
-        tidx, _, _ = cute.arch.thread_idx()
-        m, b, _ = cute.arch.block_idx()
-        num_splits = mOPart.shape[1]
-        lse_max = -cutlass.Float32.inf
-        for s in cutlass.range(num_splits, unroll=self.combine_unroll):
-            lse_max = cute.arch.fmax(lse_max, mLsePart[b, s, m])
-        safe = 0.0 if lse_max == -cutlass.Float32.inf else lse_max
-        acc = cute.make_rmem_tensor((4,), cutlass.Float32)
-        acc.fill(0.0)
-        weight_sum = cutlass.Float32(0.0)
-        col0 = tidx * 4
-        for s in cutlass.range(num_splits, unroll=self.combine_unroll):
-            w = cute.math.exp2((mLsePart[b, s, m] - safe) * LOG2_E, fastmath=True)
-            weight_sum = weight_sum + w
-            for j in cutlass.range_constexpr(4):
-                acc[j] = acc[j] + w * mOPart[b, s, m, col0 + j]
-        inv = 0.0 if weight_sum == 0.0 else kv_scale / weight_sum
-        for j in cutlass.range_constexpr(4):
-            mOut[b, m, col0 + j] = (acc[j] * inv).to(self.dtype)
-        if tidx == 0:
-            mLse[b, m] = -cutlass.Float32.inf if weight_sum == 0.0 else safe + cute.math.log(weight_sum)
 
 
 # -- register-layout helpers -------------------------------------------------------------------

@@ -105,11 +105,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
         )
-        self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale).launch(
-            grid=[self.M, batch, 1],
-            block=[self.Dv // 4, 1, 1],
-            stream=stream,
-        )
+        self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
 
     @cute.kernel
     def attention_kernel_v3(

@@ -1,0 +1,92 @@
+"""b = 1 latency study of the CuTe mla_decode (one device call, ~1 min):
+
+    source .device/setup.sh && PYTHONUNBUFFERED=1 python3 bench/gpu_cute_latency.py --out $OUT
+
+For each latency row (b = 1, s_k 16K/64K, H 16/128): the time of the registered variant at the
+split count of its rule and at a sweep of forced split counts (CUDA-graph replay, L2 flushed),
+and the per-kernel GPU time (split kernel vs combine) from torch.profiler, beside Triton.
+Everything goes to $OUT/latency.json; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from gpu_cute_mla_decode import bench_inputs, build_registry, log  # noqa: E402
+from tokenspeed_core.bench import time_calls  # noqa: E402
+
+ROWS = [(1, 1, 16, 16384), (1, 1, 16, 65536), (1, 1, 128, 16384), (1, 1, 128, 65536), (1, 4, 16, 65536)]
+SPLITS = (16, 32, 48, 66, 88, 132, 176, 264)
+
+
+def kernel_times(fn, iters=10):
+    """Mean GPU time per call of each kernel fn launches (µs), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.count:
+            out[ev.key[:60]] = round(t / iters, 2)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    reg = build_registry()
+    from tokenspeed_kernels_blackwell import mla_decode as cm
+
+    from tokenspeed_core.bench import get_ceilings
+
+    ceil = get_ceilings(device, remeasure=True)
+    log(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s")
+    triton = reg.backend("mla_decode", "triton")
+    results = []
+    for b, ql, h, s in ROWS:
+        case = dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16)
+        a = bench_inputs(case, device)
+        row = dict(B=b, q_len=ql, H=h, s_k=s, variant=cm.DEFAULT_VARIANT)
+        row["triton_us"] = round(time_calls([lambda: triton.fn(**a)], device, cuda_graph=True).median_us, 1)
+        ref_out = a["out"].clone()
+        m_blocks = -(-h * ql // 64)
+        row["rule_splits"] = cm.num_splits_v2(b, m_blocks, a["page_table"].shape[1] * 64, 132, 64)
+        row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
+        row["max_diff_vs_triton"] = round(float((a["out"].float() - ref_out.float()).abs().max()), 4)
+        row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
+        for sp in SPLITS:
+            t = time_calls([lambda: cm.mla_decode(**a, num_kv_splits=sp)], device, cuda_graph=True).median_us
+            row[f"splits_{sp}_us"] = round(t, 1)
+        row["kernels_splits_32"] = kernel_times(lambda: cm.mla_decode(**a, num_kv_splits=32))
+        results.append(row)
+        log(json.dumps(row))
+        del a
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "latency.json"), "w") as f:
+        json.dump({"ceilings": ceil.__dict__, "rows": results}, f, indent=1)
+    print(f"{torch.cuda.get_device_name(0)} (µs, CUDA-graph replay, L2 flushed)")
+    print("| B | q | H | s_k | triton | cute (rule splits) | " + " | ".join(f"s={s}" for s in SPLITS) + " |")
+    for r in results:
+        print(f"| {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | {r['triton_us']} | {r['cute_us']} "
+              f"({r['rule_splits']}) | " + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
+    for r in results:
+        print(r["H"], r["s_k"], r["q_len"], "kernels:", r["kernels"], "| at 32 splits:", r["kernels_splits_32"])
+
+
+if __name__ == "__main__":
+    main()
