@@ -1,0 +1,206 @@
+"""CuTe DSL mla_decode for sm_100a / sm_103a (tcgen05 + TMEM): compiled on CPU, PTX inspected.
+
+No Blackwell GPU exists in this project: these tests are all the kernel gets until one does. They
+compile the kernel for the Blackwell targets against fake tensors with the same argument list as
+``mla_decode._compile`` passes (so ``mla_decode.py`` can launch it like the sm_90a kernels), in a
+subprocess per batch with ``CUTE_DSL_ARCH`` set explicitly (the DSL reads it once per process) and
+``--gpu-arch``, then read the dumped PTX: the target line, the tcgen05 instructions the design
+depends on (their counts follow from the tile shapes), the MMA instruction descriptors (M, N,
+operand majorness) and the absence of any Hopper/Ampere MMA, so that a regression to another
+design, or a compile failure, fails CI.
+
+CI compiles a representative subset (one per M-block count, a partial last block, both dtypes,
+both arches, ~30 s); ``TOKENSPEED_SM100_COMPILE_ALL=1`` compiles every shape class the registry
+advertises (H 16/32/64/128 x q_len 1..8 x bf16/fp16, page 64: 64 classes, ~2.5 min).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PKG_SRC = os.path.join(os.path.dirname(__file__), "..", "..", "tokenspeed_kernels_blackwell", "src")
+D, DV = 576, 512
+
+# (dtype, H, q_len, page_size): folded M = 16, 64, 160 (two blocks, the second partial), 128,
+# 512, 1024 (8 blocks); fp16 at M = 32 and 384; page 128. Distinct M and dtype give distinct
+# dump names (the DSL names the PTX after the argument types).
+SHAPES_SM100 = [
+    ("bfloat16", 16, 1, 64), ("bfloat16", 16, 4, 64), ("bfloat16", 32, 5, 64),
+    ("bfloat16", 128, 1, 64), ("bfloat16", 64, 8, 64), ("bfloat16", 128, 8, 128),
+    ("float16", 16, 2, 64), ("float16", 128, 3, 64),
+]
+SHAPES_SM103 = [("bfloat16", 32, 4, 64)]
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+    from tokenspeed_kernels_blackwell.mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
+
+    arch = os.environ["CUTE_DSL_ARCH"]
+    D, DV = 576, 512
+
+    def fake(dtype, shape, align):
+        return make_fake_compact_tensor(dtype, shape, stride_order=tuple(reversed(range(len(shape)))),
+                                        assumed_align=align)
+
+    out = []
+    for dtype, h, q_len, ps in json.loads(sys.argv[1]):
+        dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[dtype]
+        m = h * q_len
+        batch, table_w, splits, rows = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int64()
+        args = (  # the argument list of mla_decode._compile
+            fake(dt, (batch, m, D), 16), fake(dt, (rows, D), 16), fake(cutlass.Int32, (batch, table_w), 4),
+            fake(cutlass.Int32, (batch,), 4), fake(cutlass.Float32, (batch, splits, m, DV), 16),
+            fake(cutlass.Float32, (batch, splits, m), 4), fake(dt, (batch, m, DV), 16),
+            fake(cutlass.Float32, (batch, m), 4), cutlass.Float32(1.0), cutlass.Float32(1.0),
+            make_fake_stream(),
+        )
+        t = time.time()
+        kernel = MlaDecodeSplitKVTcgen05(dt, h, q_len, D, DV, ps)
+        cute.compile(kernel, *args, options=f"--enable-tvm-ffi --gpu-arch {arch}")
+        out.append(round(time.time() - t, 2))
+    print(json.dumps(out))
+""")
+
+
+def _compile(arch, shapes, tmp_path, keep_ptx=True):
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+    env = dict(os.environ, CUTE_DSL_ARCH=arch,
+               PYTHONPATH=os.pathsep.join([os.path.abspath(PKG_SRC), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUTE_DSL_KEEP", None)
+    if keep_ptx:
+        env["CUTE_DSL_KEEP"] = "ptx"
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(shapes)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return sorted(glob.glob(str(tmp_path / "*.ptx")))
+
+
+def _idescs(ptx: str) -> list[dict]:
+    """Decode every 32-bit literal of the PTX that is a plausible tcgen05 kind::f16 instruction
+    descriptor (fp32 accumulator, 16-bit A and B of one type, M = 128). The DSL folds the MMA
+    atom's run-time fields (negate A/B) in with ``selp`` + ``or``, so both candidates appear."""
+    found = []
+    for lit in set(re.findall(r"\b(\d{8,10})\b", ptx)):
+        v = int(lit)
+        if v >= 1 << 32:
+            continue
+        d = dict(d_f32=(v >> 4) & 3, a=(v >> 7) & 7, b=(v >> 10) & 7, a_mn=(v >> 15) & 1,
+                 b_mn=(v >> 16) & 1, n=((v >> 17) & 63) * 8, m=((v >> 24) & 31) * 16, low=v & 0xF,
+                 reserved=(v >> 23) & 1 | (v >> 29) & 1)
+        if d["d_f32"] == 1 and d["a"] == d["b"] and d["a"] in (0, 1) and d["m"] == 128 and d["low"] == 0 \
+                and d["reserved"] == 0 and d["n"] in (32, 256):
+            found.append(d)
+    return found
+
+
+def _check_ptx(path: str, arch: str) -> None:
+    from tokenspeed_kernels_blackwell import mla_decode_kernel_sm100 as k
+
+    text = open(path).read()
+    name = os.path.basename(path)
+    assert f".target {arch}" in text, name
+    entries = text.split(".entry ")[1:]
+    assert len(entries) == 2, (name, len(entries))  # the split stage, then the combine
+    split = entries[0]
+    assert ".reqntid 128, 1, 1" in split, name
+    # no other generation's tensor-core path
+    assert "mma.sync" not in text and "wgmma" not in text, name
+
+    dv_cta = DV // k.DV_PARTS
+    # S = Q K^T: D / 16 k-steps of m128 n32; O += P V: BLOCK_N / 16 k-steps of m128 n256
+    mmas = re.findall(r"tcgen05\.mma\.cta_group::1\.kind::f16\b", split)
+    assert len(mmas) == D // 16 + k.BLOCK_N // 16, (name, len(mmas))
+    descs = _idescs(split)
+    qk = {(x["m"], x["n"], x["a_mn"], x["b_mn"]) for x in descs if x["n"] == k.BLOCK_N}
+    pv = {(x["m"], x["n"], x["a_mn"], x["b_mn"]) for x in descs if x["n"] == dv_cta}
+    assert qk == {(128, k.BLOCK_N, 0, 0)}, (name, qk)  # Q and K both K-major
+    assert pv == {(128, dv_cta, 0, 1)}, (name, pv)  # P K-major, V read MN-major from the K tile
+    # TMEM: one allocation of all 512 columns, permit given up, freed at the end
+    assert split.count("tcgen05.alloc.cta_group::1") == 1, name
+    assert re.search(r"mov\.b32\s+%r\d+, 512;\s+tcgen05\.alloc", split), name
+    assert split.count("tcgen05.relinquish_alloc_permit") == 1, name
+    assert split.count("tcgen05.dealloc.cta_group::1") == 1, name
+    # softmax reads S (one 32x32b.x32 load), rescales O in 32-column chunks (load + store each),
+    # the epilogue reads O once more
+    lds = re.findall(r"tcgen05\.ld\.sync\.aligned\.32x32b\.x32\.b32", split)
+    sts = re.findall(r"tcgen05\.st\.sync\.aligned\.32x32b\.x32\.b32", split)
+    assert len(lds) == 1 + 2 * (dv_cta // k.O_CHUNK), (name, len(lds))
+    assert len(sts) == dv_cta // k.O_CHUNK, (name, len(sts))
+    assert "tcgen05.wait::ld" in split and "tcgen05.wait::st" in split, name
+    # MMA completion: commit to an mbarrier (in the loop, after it), waited by parity
+    assert split.count("tcgen05.commit.cta_group::1.mbarrier::arrive::one") == 2, name
+    assert "mbarrier.try_wait.parity" in split, name
+    # ordering of TMEM traffic across threads, and of generic-proxy smem writes (cp.async, zero
+    # fill, P) before the tensor cores read them
+    assert "tcgen05.fence::before_thread_sync" in split and "tcgen05.fence::after_thread_sync" in split, name
+    assert "fence.proxy.async.shared::cta" in split, name
+    assert "cp.async.cg.shared.global" in split, name
+    # the MMAs are issued by one elected thread
+    assert "elect.sync" in split, name
+
+
+def test_tile_config_fits_one_sm():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    from tokenspeed_kernels_blackwell import mla_decode_kernel_sm100 as k
+
+    dv_cta = DV // k.DV_PARTS
+    # TMEM: O (this CTA's Dv columns, fp32) + S (BLOCK_N fp32 columns) in one power-of-two
+    # allocation of at most the 512 columns of an SM; M = 128 rows = the 128 lanes
+    assert dv_cta + k.BLOCK_N <= k.TMEM_COLS <= 512 and k.TMEM_COLS & (k.TMEM_COLS - 1) == 0
+    assert k.BLOCK_M == 128 and k.NUM_THREADS == k.BLOCK_M  # one thread (TMEM lane) per row
+    assert dv_cta <= 256 and dv_cta % k.O_CHUNK == 0  # one tcgen05 MMA of N <= 256 for PV
+    # shared memory: Q + KV ring + P (16-bit) + barrier / TMEM address (padded to 1 KB) within
+    # the 227 KB a block may opt in to on sm_100
+    smem = 2 * (k.BLOCK_M * D + k.STAGES * k.BLOCK_N * D + k.BLOCK_M * k.BLOCK_N) + 1024
+    assert smem <= 232448, smem
+
+
+def test_ctas_per_split():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    from tokenspeed_kernels_blackwell.mla_decode_kernel_sm100 import ctas_per_split
+
+    assert ctas_per_split(16) == 2 and ctas_per_split(128) == 2
+    assert ctas_per_split(129) == 4 and ctas_per_split(1024) == 16
+
+
+def test_rejects_shapes_it_cannot_tile():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    import cutlass
+
+    from tokenspeed_kernels_blackwell.mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
+
+    with pytest.raises(ValueError):
+        MlaDecodeSplitKVTcgen05(cutlass.BFloat16, 16, 1, D, DV, 48)  # page not a multiple of 32
+    with pytest.raises(ValueError):
+        MlaDecodeSplitKVTcgen05(cutlass.BFloat16, 16, 1, 832, 768, 64)  # Dv / 2 > 256: no N fits
+
+
+@pytest.mark.parametrize("arch, shapes", [("sm_100a", SHAPES_SM100), ("sm_103a", SHAPES_SM103)])
+def test_compiles_with_tcgen05(arch, shapes, tmp_path):
+    ptx = _compile(arch, shapes, tmp_path)
+    assert len(ptx) == len(shapes), [os.path.basename(p)[-60:] for p in ptx]
+    for p in ptx:
+        _check_ptx(p, arch)
+
+
+@pytest.mark.skipif(os.environ.get("TOKENSPEED_SM100_COMPILE_ALL") != "1",
+                    reason="set TOKENSPEED_SM100_COMPILE_ALL=1 to compile all 64 shape classes (~2.5 min)")
+def test_every_advertised_shape_class_compiles(tmp_path):
+    from tokenspeed_kernels_blackwell.mla_decode import shape_classes
+
+    shapes = [(str(dt).removeprefix("torch."), h, q, ps) for dt, h, q, ps in shape_classes()]
+    assert len(shapes) == 64
+    # no PTX kept: classes with equal H x q_len share a dump name
+    _compile("sm_100a", shapes, tmp_path, keep_ptx=False)

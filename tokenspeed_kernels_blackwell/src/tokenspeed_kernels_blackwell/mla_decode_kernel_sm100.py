@@ -1,0 +1,382 @@
+"""CuTe DSL MLA decode for sm_100a / sm_103a (Blackwell): tcgen05 MMA with TMEM accumulators.
+
+Imports cutlass at module level: only :mod:`.mla_decode` imports this module, and only once
+nvidia-cutlass-dsl is known to be installed. Same launch interface as the sm_90a kernels (fake
+tensors, split-KV partials + LSE, the combine kernel, query axis folded into the head axis with
+row ``m = qi * H + h`` and the causal-by-position mask ``p <= n - q_len + qi``); what changes is
+where the math runs (docs/cute.md, "sm_100a"):
+
+- **MMA**: ``tcgen05.mma`` (kind::f16, cta_group::1, M = 128), issued by one thread; operands in
+  shared memory through UMMA descriptors, accumulators in tensor memory (TMEM), never in registers.
+  S = Q K^T is 128 x 32 (36 k-steps over D = 576); O += P V is 128 x 256 (2 k-steps).
+- **TMEM budget** (512 columns x 128 lanes per SM): O over all of Dv = 512 fp32 columns plus S
+  would need 544 columns, so a CTA owns half of Dv: O = columns [0, 256), S = [256, 288). The two
+  Dv halves of a (row block, split) are two CTAs that read the same KV tiles (the second read hits
+  L2) and both compute S, which costs tensor-core time, not HBM bytes.
+- **Softmax** (all 128 threads = 4 warps; thread t owns folded row t, which is TMEM lane t):
+  ``tcgen05.ld`` of its 32 S columns, mask, row max / sum with no shuffles, P (16-bit) written to
+  shared memory in the K-major layout the PV MMA reads; the running-max correction of O is a
+  ``tcgen05.ld`` / scale / ``tcgen05.st`` of the row in 32-column chunks, skipped by a whole warp
+  when no row of it changed its maximum, and skipped on a split's first tile, whose PV MMA
+  overwrites O instead of accumulating (TMEM starts as garbage, and 0 x NaN = NaN).
+- **Loads**: Q (128 x 576) once, KV in a 2-slot ring of 32-row tiles, by cp.async from the page
+  table (a 32-row tile is contiguous inside a page: page size is a multiple of 64), rows at or past
+  the request's length zero-filled instead of loaded (a stale cache may hold NaN). V is the first
+  Dv columns of the same smem tile, read by the PV MMA as an MN-major B operand (the 128B-swizzled
+  K-major (32, 576) tile and the MN-major (512, 32) view map each element to the same byte).
+  Shared memory: Q 144 KB + ring 72 KB + P 8 KB = 224 KB, one CTA per SM.
+- **Ordering**: one mbarrier, armed by ``tcgen05.commit`` after each S MMA and waited by every
+  thread. A commit tracks all earlier MMAs of the issuing thread, so its completion also means the
+  previous tile's PV MMA is done: the ring slot it read may be refilled, P may be overwritten and
+  O may be rescaled. The barrier completes once per tile, so the phase to wait for is the tile's
+  parity. TMEM loads/stores are ordered against the MMA thread with ``tcgen05.wait`` +
+  ``tcgen05.fence::before_thread_sync`` / ``bar.sync`` / ``tcgen05.fence::after_thread_sync``;
+  generic-proxy smem writes (cp.async, zero fill, P) are published to the tensor cores with
+  ``fence.proxy.async.shared::cta`` before the barrier.
+
+Not yet (speed, not correctness): TMA loads, warp specialisation (a load warp and an MMA warp
+running ahead of the softmax warps), a deeper ring, 2-CTA MMA (cta_group::2) so the Dv halves share
+one KV read, and M = 64 tiles for small H x q_len.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils.blackwell_helpers as sm100_utils
+from cutlass._mlir.dialects import nvvm
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, tcgen05
+
+from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
+
+BLOCK_M = 128  # tcgen05 M (cta_group::1): folded (q_len x heads) rows per CTA = TMEM lanes
+BLOCK_N = 32  # cache rows per KV tile (S columns)
+STAGES = 2  # KV ring slots
+NUM_THREADS = 128  # four warps: warp w reads TMEM lanes 32w..32w+31 (its rows)
+DV_PARTS = 2  # CTAs per (row block, split): each owns Dv / 2 columns of O
+TMEM_COLS = 512  # allocation (power of two >= O + S columns)
+TMEM_O_COL = 0
+O_CHUNK = 32  # columns per tcgen05.ld / st of O (32 registers per thread)
+COMBINE_UNROLL = 8  # loop unroll of the combine stage over splits, as the sm_90a default (v3) uses
+
+
+def ctas_per_split(m: int) -> int:
+    """CTAs of one (request, KV split): 128-row blocks of the folded M, times the Dv halves."""
+    return -(-m // BLOCK_M) * DV_PARTS
+
+
+class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
+    """Static configuration of one compiled sm_100a kernel (one shape class).
+
+    Extends the sm_90a v2 class only for what is arch-neutral: the constructor's checks, the
+    cp.async KV tile loader (``load_kv_tile_v2``) and the combine stage (``launch_combine``,
+    :mod:`.mla_decode_combine`).
+    """
+
+    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
+        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=BLOCK_N,
+                         stages=STAGES, combine_unroll=COMBINE_UNROLL)
+        self.dv_cta = head_dim_v // DV_PARTS
+        if self.dv_cta % O_CHUNK or self.dv_cta > 256 or head_dim % 64:
+            raise ValueError(f"unsupported head dims D={head_dim} Dv={head_dim_v}")
+        self.tmem_s_col = TMEM_O_COL + self.dv_cta
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (B, M, D) dtype, row m = qi * H + h
+        mKV: cute.Tensor,  # (P * page_size, D) dtype: the cache, rows flattened
+        mPageTable: cute.Tensor,  # (B, MP) int32
+        mSeqlens: cute.Tensor,  # (B,) int32
+        mOPart: cute.Tensor,  # (B, S, M, Dv) fp32: per-split normalised O
+        mLsePart: cute.Tensor,  # (B, S, M) fp32: per-split LSE (natural log)
+        mOut: cute.Tensor,  # (B, M, Dv) dtype
+        mLse: cute.Tensor,  # (B, M) fp32
+        scale_log2: cutlass.Float32,  # softmax_scale * kv_scale * log2(e)
+        kv_scale: cutlass.Float32,
+        stream,
+    ):
+        dtype = self.dtype
+        k_atom = tcgen05.make_smem_layout_atom(tcgen05.SmemLayoutAtomKind.K_SW128, dtype)
+        mn_atom = tcgen05.make_smem_layout_atom(tcgen05.SmemLayoutAtomKind.MN_SW128, dtype)
+        # P rows are BLOCK_N = 32 elements = 64 B: the 64B-swizzled K-major atom
+        p_atom = tcgen05.make_smem_layout_atom(tcgen05.SmemLayoutAtomKind.K_SW64, dtype)
+        sQ_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.D), (0, 1))
+        sKV_layout = cute.tile_to_shape(k_atom, (BLOCK_N, self.D, STAGES), (0, 1, 2))
+        # V^T view of one ring slot: (Dv, BLOCK_N), MN-major, tiled K first: same byte offsets as
+        # the K-major slot's (row, col < Dv)
+        sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, BLOCK_N), (1, 0))
+        sP_layout = cute.tile_to_shape(p_atom, (BLOCK_M, BLOCK_N), (0, 1))
+
+        @cute.struct
+        class SharedStorage:
+            mma_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            tmem_holder: cutlass.Int32
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+
+        copy_bits = 128
+        g2s_atom = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
+        )
+        # 8 threads cover one 64-element row segment: 16 rows per pass of 128 threads
+        thr_layout = cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1))
+        g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+
+        mma_qk = sm100_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, tcgen05.CtaGroup.ONE,
+            (BLOCK_M, BLOCK_N),
+        )
+        mma_pv = sm100_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, cutlass.Float32, tcgen05.CtaGroup.ONE,
+            (BLOCK_M, self.dv_cta),
+        )
+
+        batch = mQ.shape[0]
+        num_splits = mOPart.shape[1]
+        m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
+        self.attention_kernel_sm100(
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, mma_qk, mma_pv, SharedStorage,
+        ).launch(
+            grid=[m_blocks * DV_PARTS, num_splits, batch],
+            block=[NUM_THREADS, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+        )
+        self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
+
+    @cute.kernel
+    def attention_kernel_sm100(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        sVt_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+        g2s_copy: cute.TiledCopy,
+        mma_qk: cute.TiledMma,
+        mma_pv: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        mv_block, split, b = cute.arch.block_idx()
+        num_splits = cute.arch.grid_dim()[1]
+        m_block = mv_block // DV_PARTS
+        dv_part = mv_block % DV_PARTS
+
+        n = mSeqlens[b]
+        n_tiles = (n + BLOCK_N - 1) // BLOCK_N
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        row0 = m_block * BLOCK_M
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        mma_bar = storage.mma_bar.data_ptr()
+
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_init(mma_bar, 1)
+        cute.arch.mbarrier_init_fence()
+
+        # TMEM: warp 0 allocates, everyone reads the base address after a named barrier
+        tmem = cutlass.utils.TmemAllocator(
+            storage.tmem_holder.ptr,
+            barrier_for_retrieve=pipeline.NamedBarrier(barrier_id=1, num_threads=NUM_THREADS),
+        )
+        tmem.allocate(TMEM_COLS)
+
+        # ---- Q once, then the first KV tile (one cp.async commit group each) ----
+        thr_g2s = g2s_copy.get_slice(tidx)
+        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
+        tQgQ = thr_g2s.partition_S(gQ)
+        tQsQ = thr_g2s.partition_D(sQ)
+        tQc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
+        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+            if row0 + tQc[0, r, 0][0] < self.M:
+                cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
+            else:
+                tQsQ[None, r, None].fill(0)
+        tKVc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_N, self.D)))
+        if t_begin < t_end:
+            self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin, 0, sKV, thr_g2s, g2s_copy, tKVc)
+        cute.arch.cp_async_commit_group()
+
+        tmem.wait_for_alloc()
+        tmem_ptr = tmem.retrieve_ptr(cutlass.Float32)
+        # one CTA per SM (shared memory): nobody else needs to allocate here
+        tmem.relinquish_alloc_permit()
+
+        # ---- MMA operands (smem descriptors) and accumulators (TMEM) ----
+        thr_qk = mma_qk.get_slice(0)
+        thr_pv = mma_pv.get_slice(0)
+        tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tOrP = mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+        tStS = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)))
+        tStS = cute.make_tensor(tmem_ptr + self.tmem_s_col, tStS.layout)
+        tOtO = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.dv_cta)))
+        tOtO = cute.make_tensor(tmem_ptr + TMEM_O_COL, tOtO.layout)
+
+        # ---- TMEM <-> register copies: thread t holds row t (32x32b: warp w = lanes 32w..) ----
+        ld_s = tcgen05.make_tmem_copy(
+            cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(BLOCK_N)), cutlass.Float32), tStS)
+        thr_ld_s = ld_s.get_slice(tidx)
+        tTtS = thr_ld_s.partition_S(tStS)
+        tTcS = thr_ld_s.partition_D(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N))))
+        rS = cute.make_rmem_tensor(tTcS.shape, cutlass.Float32)
+
+        # O in O_CHUNK-column slices: the copy of slice c is the copy of slice 0 moved c * O_CHUNK
+        # columns along TMEM
+        tOtO_c = cute.make_tensor(tOtO.iterator, cute.composition(tOtO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
+        cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_cta)))
+        cO_c = cute.make_tensor(cO.iterator, cute.composition(cO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
+        ld_o = tcgen05.make_tmem_copy(
+            cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
+        st_o = tcgen05.make_tmem_copy(
+            cute.make_copy_atom(tcgen05.St32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
+        thr_ld_o = ld_o.get_slice(tidx)
+        thr_st_o = st_o.get_slice(tidx)
+        tTtO_ld = thr_ld_o.partition_S(tOtO_c)
+        tTtO_st = thr_st_o.partition_D(tOtO_c)
+        tTcO = thr_ld_o.partition_D(cO_c)
+        rO = cute.make_rmem_tensor(tTcO.shape, cutlass.Float32)
+        n_chunks = self.dv_cta // O_CHUNK
+
+        # this thread's folded row and its last visible key position n - Q + qi
+        row = tTcS[0][0]
+        m_row = row0 + row
+        row_limit = n - self.Q + cutlass.min(m_row, self.M - 1) // self.H
+        stats = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max (log2 domain), sum
+        stats[0] = -cutlass.Float32.inf
+        stats[1] = 0.0
+
+        for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
+            stage = (tile - t_begin) % STAGES
+            # tile `tile` (and, first time round, Q) has landed; publish it to the tensor cores
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.fence_view_async_shared()
+            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
+            cute.arch.barrier()
+
+            # ---- S = Q K^T into TMEM (one thread issues), commit to the barrier ----
+            if warp_idx == 0:
+                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+                tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(sKV[None, None, stage]))
+                for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
+                    mma_qk.set(tcgen05.Field.ACCUMULATE, k != 0)
+                    cute.gemm(mma_qk, tStS, tSrQ[None, None, k], tSrK[None, None, k], tStS)
+                with cute.arch.elect_one():
+                    tcgen05.commit(mma_bar)
+            # completes once per tile: the phase is the tile's parity
+            cute.arch.mbarrier_wait(mma_bar, stage)
+            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+
+            # S(tile) done, hence PV(tile - 1) too: the other ring slot is free
+            if tile + 1 < t_end:
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, tile + 1, 1 - stage, sKV, thr_g2s, g2s_copy, tKVc)
+            cute.arch.cp_async_commit_group()
+
+            # ---- this thread's row of S: mask, scale, online softmax (log2 domain) ----
+            cute.copy(ld_s, tTtS, rS)
+            cute.arch.fence_view_async_tmem_load()
+            pos0 = tile * BLOCK_N
+            for c in cutlass.range_constexpr(cute.size(rS)):
+                if pos0 + tTcS[c][1] > row_limit:
+                    rS[c] = -cutlass.Float32.inf
+                else:
+                    rS[c] = rS[c] * scale_log2
+            s_row = rS.load()
+            row_max = stats[0]
+            m_new = cute.arch.fmax(row_max, s_row.reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0))
+            m_safe = 0.0 if m_new == -cutlass.Float32.inf else m_new
+            p_row = cute.math.exp2(s_row - m_safe, fastmath=True)
+            alpha = cute.math.exp2(row_max - m_safe, fastmath=True)
+            stats[1] = stats[1] * alpha + p_row.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+            stats[0] = m_new
+
+            # ---- P (16-bit) -> smem, in the K-major layout of the PV MMA's A operand ----
+            rP = cute.make_rmem_tensor(rS.shape, self.dtype)
+            rP.store(p_row.to(self.dtype))
+            for c in cutlass.range_constexpr(cute.size(rP)):
+                sP[row, tTcS[c][1]] = rP[c]
+
+            # ---- O *= alpha (TMEM round trip); warp-uniform skip when no row's max moved ----
+            # (the first tile's PV overwrites O instead: it was never written)
+            moved = cute.arch.vote_ballot_sync(alpha != 1.0)
+            if tile > t_begin and moved != 0:
+                for j in cutlass.range_constexpr(n_chunks):
+                    cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
+                    cute.arch.fence_view_async_tmem_load()
+                    rO.store(rO.load() * alpha)
+                    cute.copy(st_o, rO, cute.make_tensor(tTtO_st.iterator + j * O_CHUNK, tTtO_st.layout))
+                cute.arch.fence_view_async_tmem_store()
+
+            # P and O ready: publish P to the async proxy, order TMEM traffic before the MMA
+            cute.arch.fence_view_async_shared()
+            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
+            cute.arch.barrier()
+
+            # ---- O (+)= P V into TMEM; V^T = MN-major view of this ring slot, this CTA's Dv half ----
+            if warp_idx == 0:
+                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+                sVt = cute.make_tensor(sKV[None, None, stage].iterator, sVt_layout.outer)
+                sVt_part = cute.local_tile(sVt, (self.dv_cta, BLOCK_N), (dv_part, 0))
+                tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(sVt_part))
+                for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
+                    if cutlass.const_expr(k == 0):
+                        mma_pv.set(tcgen05.Field.ACCUMULATE, tile > t_begin)
+                    else:
+                        mma_pv.set(tcgen05.Field.ACCUMULATE, True)
+                    cute.gemm(mma_pv, tOtO, tOrP[None, None, k], tOrV[None, None, k], tOtO)
+
+        cute.arch.cp_async_wait_group(0)
+
+        # ---- wait for the last PV MMA ----
+        if t_begin < t_end:
+            if warp_idx == 0:
+                with cute.arch.elect_one():
+                    tcgen05.commit(mma_bar)
+            cute.arch.mbarrier_wait(mma_bar, (t_end - t_begin) % 2)
+            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+
+        # ---- epilogue: normalise, write this split's partial O (this Dv half) and LSE ----
+        total = stats[1]
+        empty = total == 0.0
+        inv = 0.0 if empty else 1.0 / total
+        lse = -cutlass.Float32.inf if empty else (stats[0] + cute.math.log2(total)) * 0.6931471805599453
+        if dv_part == 0:
+            if m_row < self.M:
+                mLsePart[b, split, m_row] = lse
+        col0 = dv_part * self.dv_cta
+        for j in cutlass.range_constexpr(n_chunks):
+            if t_begin < t_end:
+                cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
+                cute.arch.fence_view_async_tmem_load()
+                rO.store(rO.load() * inv)
+            else:
+                rO.fill(0.0)  # an empty split never wrote O: its weight is 0, its O must not be NaN
+            if m_row < self.M:
+                for i in cutlass.range_constexpr(cute.size(rO)):
+                    mOPart[b, split, m_row, col0 + j * O_CHUNK + tTcO[i][1]] = rO[i]
+
+        # ---- free TMEM once every warp is done reading it ----
+        nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
+        cute.arch.barrier()
+        tmem.free(tmem_ptr, TMEM_COLS)
+
+
+__all__ = ["BLOCK_M", "BLOCK_N", "DV_PARTS", "MlaDecodeSplitKVTcgen05", "ctas_per_split"]
