@@ -149,6 +149,8 @@ def _check_ptx(path: str, arch: str) -> None:
     assert "cp.async.cg.shared.global" in split, name
     # the MMAs are issued by one elected thread
     assert "elect.sync" in split, name
+    # partial O leaves as 16-byte stores of each thread's row (32 per row and Dv half), not 4-byte
+    assert len(re.findall(r"st\.global\.v4\.b32", split)) == dv_cta // 4, name
 
 
 def test_tile_config_fits_one_sm():

@@ -255,6 +255,9 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         tTcO = thr_ld_o.partition_D(cO_c)
         rO = cute.make_rmem_tensor(tTcO.shape, cutlass.Float32)
         n_chunks = self.dv_cta // O_CHUNK
+        # P and O leave registers as contiguous row slices: that needs register i = column i
+        _check_columns_in_order(tTcS, BLOCK_N)
+        _check_columns_in_order(tTcO, O_CHUNK)
 
         # this thread's folded row and its last visible key position n - Q + qi
         row = tTcS[0][0]
@@ -308,11 +311,12 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
             stats[1] = stats[1] * alpha + p_row.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
             stats[0] = m_new
 
-            # ---- P (16-bit) -> smem, in the K-major layout of the PV MMA's A operand ----
+            # ---- P (16-bit) -> smem, in the K-major layout of the PV MMA's A operand: this
+            # thread's row, register i = column i (32x32b), 16-byte stores (the swizzle moves
+            # whole 16-byte chunks) ----
             rP = cute.make_rmem_tensor(rS.shape, self.dtype)
             rP.store(p_row.to(self.dtype))
-            for c in cutlass.range_constexpr(cute.size(rP)):
-                sP[row, tTcS[c][1]] = rP[c]
+            cute.autovec_copy(cute.make_tensor(rP.iterator, cute.make_layout(BLOCK_N)), sP[row, None])
 
             # ---- O *= alpha (TMEM round trip); warp-uniform skip when no row's max moved ----
             # (the first tile's PV overwrites O instead: it was never written)
@@ -361,7 +365,6 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         if dv_part == 0:
             if m_row < self.M:
                 mLsePart[b, split, m_row] = lse
-        col0 = dv_part * self.dv_cta
         for j in cutlass.range_constexpr(n_chunks):
             if t_begin < t_end:
                 cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
@@ -369,14 +372,23 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
                 rO.store(rO.load() * inv)
             else:
                 rO.fill(0.0)  # an empty split never wrote O: its weight is 0, its O must not be NaN
+            # register i = column i of the chunk: 16-byte stores of this thread's row
             if m_row < self.M:
-                for i in cutlass.range_constexpr(cute.size(rO)):
-                    mOPart[b, split, m_row, col0 + j * O_CHUNK + tTcO[i][1]] = rO[i]
+                gO = cute.local_tile(mOPart[b, split, m_row, None], (O_CHUNK,), (dv_part * n_chunks + j,))
+                cute.autovec_copy(cute.make_tensor(rO.iterator, cute.make_layout(O_CHUNK)), gO)
 
         # ---- free TMEM once every warp is done reading it ----
         nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
         cute.arch.barrier()
         tmem.free(tmem_ptr, TMEM_COLS)
+
+
+def _check_columns_in_order(coords, width: int) -> None:
+    """Trace-time check that a thread's TMEM load fragment holds one row, register i = column i
+    (the 32x32b pattern), so that its registers may be stored as one contiguous row slice."""
+    cols = [coords[i][1] for i in range(width)]
+    if cute.size(coords) != width or cols != list(range(width)):
+        raise ValueError(f"TMEM load fragment is not one row in column order: {cols}")
 
 
 __all__ = ["BLOCK_M", "BLOCK_N", "DV_PARTS", "MlaDecodeSplitKVTcgen05", "ctas_per_split"]
