@@ -340,7 +340,7 @@ def test_clear_removes_entries_and_temporaries(cache):
 
 # -- the real kernel, across processes -----------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import json, os, sys, time, warnings
+    import inspect, json, os, sys, time, warnings
     t0 = time.perf_counter()
     import torch
     from tokenspeed_kernels_blackwell import _compile_cache as cc, mla_decode as cm
@@ -351,7 +351,10 @@ CHILD = textwrap.dedent("""
 
     def compile_v3():
         compiles.append(1)
-        return cm._compile("sm_90a", torch.bfloat16, 16, 1, 576, 512, 64, "v3")
+        args = ["sm_90a", torch.bfloat16, 16, 1, 576, 512, 64, "v3"]
+        if "kv_dtype" in inspect.signature(cm._compile).parameters:  # fp8-cache era signature
+            args.append(torch.bfloat16)
+        return cm._compile(*args)
 
     if sys.argv[1] == "break-object":  # a whole, checksummed object that the linker refuses
         d = cc.cache_dir()
