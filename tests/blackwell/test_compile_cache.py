@@ -338,6 +338,29 @@ def test_clear_removes_entries_and_temporaries(cache):
     assert comp.calls == 1
 
 
+def test_prune_keeps_what_this_process_can_load(cache):
+    assert cc.prune() == 0  # no folder yet
+    live = [key(), key(variant="v2"), key(arch="sm_100a")]
+    stale = [key(source="0" * 64), key(libraries=(("nvidia-cutlass-dsl", "4.7.0"),)), key(format=0)]
+    for k in live + stale:
+        cc.load_or_compile(k, Compiler())
+    orphan = cache / f"{live[0].digest}-0123456789abcdef.o"  # a writer that lost a race
+    orphan.write_bytes(b"x")
+    (cache / f"{'f' * 40}.json").write_text("{not json")
+    fresh_tmp, old_tmp = cache / ".tmp-new-1.o", cache / ".tmp-old-1.o"
+    fresh_tmp.write_bytes(b"being written")
+    old_tmp.write_bytes(b"left by a killed process")
+    os.utime(old_tmp, (0, 0))
+    before = set(files(cache))
+    assert cc.prune() == 2 * len(stale) + 3
+    gone = before - set(files(cache))
+    assert orphan.name in gone and old_tmp.name in gone and fresh_tmp.name not in gone
+    comp = Compiler()
+    for k in live:
+        cc.load_or_compile(k, comp)
+    assert comp.calls == 0  # every live entry still loads
+
+
 # -- the real kernel, across processes -----------------------------------------------------------
 CHILD = textwrap.dedent("""
     import inspect, json, os, sys, time, warnings

@@ -39,7 +39,8 @@ at once both compile and the last rename wins; the index always names a complete
 whose checksum it holds. A reader that finds a missing or unreadable index, a missing object,
 a checksum mismatch, a key mismatch or an object that does not load warns and recompiles:
 nothing in the cache is ever fatal. ``TOKENSPEED_CUTE_CACHE=0`` turns the cache off, and so
-does ``CUTE_DSL_KEEP=ptx`` and the like (a load dumps no PTX); :func:`clear` empties it.
+does ``CUTE_DSL_KEEP=ptx`` and the like (a load dumps no PTX); :func:`clear` empties it and
+:func:`prune` deletes what this process could never load (other versions, other sources).
 """
 
 from __future__ import annotations
@@ -110,6 +111,49 @@ def clear() -> int:
                 n += 1
             except FileNotFoundError:  # another process cleared it first
                 pass
+    return n
+
+
+def prune() -> int:
+    """Delete what this process can never load: entries of other library versions, other kernel
+    sources, other host CPUs or other cache formats (every kernel edit leaves ~0.1 MB per shape
+    class behind), unreadable index files, objects no index names (a writer that lost a race),
+    and temporaries older than an hour. Entries that differ only in arch, variant, shape class
+    or ``CUTE_DSL_*`` settings are kept. Returns how many files were deleted."""
+    d = cache_dir()
+    if not d.is_dir():
+        return 0
+    current = make_key("", "", ()).fields()
+    same = ("libraries", "source", "machine", "format")
+    keep: set[str] = set()
+    doomed: list[Path] = []
+    for index in d.glob("*.json"):
+        try:
+            entry = json.loads(index.read_bytes())
+            if all(entry["key"][f] == current[f] for f in same):
+                keep.add(index.name)
+                keep.add(entry["object"])
+                continue
+        except Exception:  # unreadable: nothing can load it
+            pass
+        doomed.append(index)
+    old = time.time() - 3600
+    for p in d.iterdir():
+        if p.suffix == ".o" and not p.name.startswith(".tmp") and p.name not in keep:
+            doomed.append(p)
+        elif p.name.startswith(".tmp"):
+            try:
+                if p.stat().st_mtime < old:
+                    doomed.append(p)
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+    n = 0
+    for p in doomed:
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
     return n
 
 
@@ -320,4 +364,4 @@ def _unlink(path: str) -> None:
 
 
 __all__ = ["CacheKey", "CacheWarning", "Stats", "cache_dir", "clear", "enabled", "library_versions",
-           "load_or_compile", "make_key", "source_hash", "stats"]
+           "load_or_compile", "make_key", "prune", "source_hash", "stats"]
