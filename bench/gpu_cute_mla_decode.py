@@ -58,7 +58,7 @@ def build_registry():
         for v in cm.VARIANTS:
             if v != cm.DEFAULT_VARIANT:
                 reg.register("mla_decode", cm.make_mla_decode(v), backend=f"cute_{v}", devices=("cuda",),
-                             capability=((9, 0), (9, 0)), dtypes=cm.DTYPES, supports=cm.supports,
+                             capability=((9, 0), (9, 0)), dtypes=cm.DTYPES, supports=cm.supports_for(v),
                              priority=Priority.PORTABLE - 20, doc=f"CuTe mla_decode, kernel variant {v}")
     return reg
 
@@ -68,14 +68,19 @@ def bench_inputs(case, device):
     dtype = case["dtype"]
     pages = -(-s // ps)
     num_pages = b * pages + 1
+    cache_dtype = case.get("cache_dtype") or dtype
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    kv_scale = 0.05 if fp8 else 1.0
     cache = torch.randn((num_pages, ps, 576), device=device, dtype=dtype)
+    if fp8:  # values ~ N(0, 1 / kv_scale): the dequantised rows are ~ N(0, 1)
+        cache = (cache / kv_scale).to(cache_dtype)
     table = torch.randperm(num_pages, device=device)[: b * pages].view(b, pages).to(torch.int32)
     return dict(
         q=torch.randn((b, ql, h, 576), device=device, dtype=dtype), kv_cache=cache, page_table=table,
         cache_seqlens=torch.full((b,), s, dtype=torch.int32, device=device),
         out=torch.empty((b, ql, h, 512), device=device, dtype=dtype),
         lse=torch.empty((b, ql, h), device=device, dtype=torch.float32),
-        softmax_scale=1.0 / math.sqrt(192), head_dim_v=512, kv_scale=1.0,
+        softmax_scale=1.0 / math.sqrt(192), head_dim_v=512, kv_scale=kv_scale,
     )
 
 

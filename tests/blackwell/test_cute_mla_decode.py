@@ -62,7 +62,7 @@ def test_registration_without_gpu():
     (dict(), None),
     (dict(q_len=8, H=32, page_size=128), None),
     (dict(dtype=torch.float32), "q dtype"),
-    (dict(cache_dtype=torch.float8_e4m3fn), "fp8"),
+    (dict(cache_dtype=torch.float8_e4m3fn), None),  # v3 has an fp8 path
     (dict(page_size=32), "page size 32"),
     (dict(page_size=96), "page size 96"),
     (dict(D=128, Dv=64), "head dims"),
@@ -75,6 +75,16 @@ def test_supports_explains_every_rejection(case, needle):
         assert reason is None
     else:
         assert reason and needle in reason, reason
+
+
+def test_fp8_cache_only_where_the_variant_has_a_path():
+    sig = _sig(_registry(), cache_dtype=torch.float8_e4m3fn)
+    assert cute_mla.supports_for("v3")(sig) is None
+    for variant in ("v1", "v2", "v2_n64", "sm100"):
+        reason = cute_mla.supports_for(variant)(sig)
+        assert reason and "fp8" in reason and variant in reason, reason
+    with pytest.raises(ValueError, match="no fp8 cache path"):
+        cute_mla.compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64, variant="v2", kv_dtype=torch.float8_e4m3fn)
 
 
 def test_num_splits_is_static_and_bounded():
@@ -178,6 +188,7 @@ SHAPES_V2 = [
     ("bfloat16", 16, 1, 64, "v2_n64"), ("bfloat16", 128, 1, 64, "v2_n64"),
     ("bfloat16", 16, 1, 64, "v2_n64_c8"),
     ("bfloat16", 16, 1, 64, "v3"), ("bfloat16", 128, 4, 128, "v3"),
+    ("bfloat16", 16, 4, 64, "v3", "float8_e4m3fn"), ("float16", 32, 1, 64, "v3", "float8_e4m3fn"),
 ]
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -185,9 +196,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from tokenspeed_kernels_blackwell.mla_decode import compile_kernel
     arch = os.environ["CUTE_DSL_ARCH"]
     out = []
-    for dtype, h, q, ps, *variant in json.loads(sys.argv[1]):
+    for dtype, h, q, ps, *rest in json.loads(sys.argv[1]):
         t = time.time()
-        compile_kernel(arch, getattr(torch, dtype), h, q, ps, variant=(variant or ["v1"])[0])
+        kv = getattr(torch, rest[1]) if len(rest) > 1 else None
+        compile_kernel(arch, getattr(torch, dtype), h, q, ps, variant=(rest or ["v1"])[0], kv_dtype=kv)
         out.append(round(time.time() - t, 2))
     print(json.dumps(out))
 """)
@@ -235,6 +247,8 @@ def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
         assert text.count("wgmma.mma_async.sync.aligned.m64n256k16") == n // 16, p
         # cp.async writes must be made visible to the tensor cores' async proxy
         assert "fence.proxy.async.shared::cta" in text, p
+        # an fp8 cache is staged as fp8 and converted once per tile (e4m3 pairs -> 16-bit)
+        assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
         # the combine kernel (the second entry): 4 O loads per split x the unroll factor, two
         # loops over the splits' LSE, weights staged in smem, warp-shuffle reductions
         combine = text.split(".entry ")[2]

@@ -26,6 +26,8 @@ MAX_Q_LEN = 8
 MAX_HEADS = 128
 MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS: the combine stages one weight per split in smem
 DTYPES = (torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn
+FP8_VARIANTS = ("v3",)  # the variants with an fp8 e4m3 cache path
 # capability -> CUTE_DSL_ARCH of the kernel that runs there
 TARGETS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 
@@ -39,15 +41,24 @@ def missing_dependency() -> str:
     return ""
 
 
-def supports(sig) -> str | None:
+def supports_for(variant: str):
+    """``supports`` of the launcher bound to ``variant``."""
+
+    def supports(sig) -> str | None:
+        if sig.dtype("kv_cache") == FP8 and variant not in FP8_VARIANTS:
+            return f"fp8 e4m3 cache: kernel variant {variant} has no fp8 path (one of {FP8_VARIANTS})"
+        return _supports(sig)
+
+    return supports
+
+
+def _supports(sig) -> str | None:
     """Why the CuTe kernel cannot run this signature; None when it can."""
     q_dtype, cache_dtype = sig.dtype("q"), sig.dtype("kv_cache")
     if q_dtype not in DTYPES:
         return f"q dtype {q_dtype} not supported (bf16 or fp16)"
-    if cache_dtype == torch.float8_e4m3fn:
-        return "fp8 e4m3 cache is not implemented in the CuTe kernel yet"
-    if cache_dtype != q_dtype:
-        return f"kv_cache dtype {cache_dtype} must equal q dtype {q_dtype}"
+    if cache_dtype != q_dtype and cache_dtype != FP8:
+        return f"kv_cache dtype {cache_dtype} must equal q dtype {q_dtype} or be float8_e4m3fn"
     d, dv = sig.dim("D"), sig.dim("Dv")
     if (d, dv) != (HEAD_DIM, HEAD_DIM_V):
         return f"head dims D={d}, Dv={dv}: only D={HEAD_DIM}, Dv={HEAD_DIM_V} (DeepSeek MLA) are compiled"
@@ -82,6 +93,7 @@ DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v3")
 # (H100: memory-bound 1.22-1.25x, b = 1 1.07-1.44x, compute-bound 1.6-2.1x); v2 and v2_n64 lost
 # the rows with 16 folded rows (run 2 on an H200, run 3 b = 1 on an H100).
 WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1}
+supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 
 
 # -- compilation ---------------------------------------------------------------------------------
@@ -90,7 +102,8 @@ _compile_lock = threading.Lock()
 
 
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
-                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str = "v1"):
+                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str = "v1",
+                   kv_dtype: torch.dtype | None = None):
     """Compile (or fetch from the in-process cache) the kernel of one shape class for ``arch``.
 
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
@@ -98,7 +111,10 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
-    key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant)
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    if kv_dtype == FP8 and variant not in FP8_VARIANTS:
+        raise ValueError(f"variant {variant} has no fp8 cache path (one of {FP8_VARIANTS})")
+    key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant, kv_dtype)
     fn = _compiled.get(key)
     if fn is not None:
         return fn
@@ -109,7 +125,7 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     return fn
 
 
-def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant):
+def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant, kv_dtype):
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
@@ -117,6 +133,7 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
     from .mla_decode_kernel import MlaDecodeSplitKV
 
     dt = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
+    kv_dt = dt if kv_dtype == dtype else cutlass.Float8E4M3FN
     m = num_heads * q_len
     batch, table_w, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
     rows = cute.sym_int64()  # a cache holds > 2^31 elements at 64 x 64K-token requests
@@ -127,7 +144,7 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
 
     args = (
         fake(dt, (batch, m, head_dim), 16),  # q folded: row = qi * H + h
-        fake(dt, (rows, head_dim), 16),  # kv cache, pages flattened
+        fake(kv_dt, (rows, head_dim), 16),  # kv cache, pages flattened
         fake(cutlass.Int32, (batch, table_w), 4),
         fake(cutlass.Int32, (batch,), 4),
         fake(cutlass.Float32, (batch, splits, m, head_dim_v), 16),
@@ -149,7 +166,7 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         from .mla_decode_kernel_v3 import MlaDecodeSplitKVSharedS
 
         kernel = MlaDecodeSplitKVSharedS(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
-                                         **VARIANTS[variant])
+                                         kv_dtype=kv_dt, **VARIANTS[variant])
     prev = os.environ.get("CUTE_DSL_ARCH")
     os.environ["CUTE_DSL_ARCH"] = arch
     try:
@@ -235,7 +252,8 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
     arch = TARGETS[cap]
     if variant != "v1" and arch != "sm_90a":
         raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use v1)")
-    fn = compile_kernel(arch, q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant)
+    fn = compile_kernel(arch, q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant,
+                        kv_dtype=kv_cache.dtype)
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     sms = _num_sms.get(idx)
     if sms is None:
@@ -312,7 +330,7 @@ def register(registry, backend: str, priority, preferred=None) -> None:
     )
     registry.register(
         OP, _sm100_not_available, backend=f"{backend}_sm100", devices=("cuda",),
-        capability=((10, 0), (10, 3)), dtypes=DTYPES, supports=supports, priority=priority,
+        capability=((10, 0), (10, 3)), dtypes=DTYPES, supports=supports_for("sm100"), priority=priority,
         doc="CuTe DSL MLA decode, sm_100a (tcgen05/TMEM)", status="compiled, not run on hardware",
         unavailable=missing or SM100_UNAVAILABLE,
     )
@@ -337,4 +355,4 @@ def make_mla_decode(variant: str):
 
 
 __all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2", "num_splits_one_wave",
-           "register", "shape_classes", "supports"]
+           "register", "shape_classes", "supports", "supports_for"]

@@ -13,6 +13,11 @@ installed). Same interface, splits, masking, loader and combine as v2
   both run O[:, own Dv half] += P V as an SS wgmma (m64 n256 k16, 4 k-steps) over the whole P.
   Row sums stay per-warpgroup partials (same scale factors) and are added once at the end.
 - Costs: two CTA barriers per tile (row maxima, P) and 8 KB of P written to smem per tile.
+- fp8 e4m3 cache (``kv_dtype``): the tiles are staged by cp.async as fp8 (half the bytes) into
+  a ring of unswizzled fp8 slots, and each is converted once, by all 256 threads, into the one
+  16-bit swizzled tile the MMAs read (e4m3 -> bf16/fp16 is exact; ``kv_scale`` is applied to
+  the scores and in the combine, as for a 16-bit cache). Smem stays the same size: one 16-bit
+  tile (72 KB) plus two fp8 slots (2 x 36 KB) replace two 16-bit tiles.
 
 Status: the registered default. Passed the conformance kit's full grid on an H100 (46 pass, 27
 skipped by ``supports``; graph replay == eager); timings in docs/perf/cute.md, run 3.
@@ -40,10 +45,15 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
     """v3: 64-row KV tiles, S split by columns between the two warpgroups, P shared in smem."""
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
-                 combine_unroll=1):
+                 combine_unroll=1, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n, stages,
                          combine_unroll)
         self.half_n = block_n // 2
+        # the cache's element type: ``dtype`` (16-bit, the MMAs read the cp.async ring directly)
+        # or fp8 e4m3 (staged, then converted into one 16-bit tile per KV tile)
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.kv_fp8 = self.kv_dtype.width == 8
+        self.kv_slots = 1 if self.kv_fp8 else stages  # 16-bit tiles in smem
 
     @cute.jit
     def __call__(
@@ -64,7 +74,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         k_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.K_SW128, dtype)
         mn_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.MN_SW128, dtype)
         sQ_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.D), (0, 1))
-        sKV_layout = cute.tile_to_shape(k_atom, (self.block_n, self.D, self.stages), (0, 1, 2))
+        sKV_layout = cute.tile_to_shape(k_atom, (self.block_n, self.D, self.kv_slots), (0, 1, 2))
+        # fp8 staging ring (row-major); a 16-element placeholder for a 16-bit cache
+        stage_shape = (self.block_n, self.D, self.stages) if self.kv_fp8 else (1, 16, 1)
+        sStage_layout = cute.make_layout(stage_shape, stride=(stage_shape[1], 1, stage_shape[0] * stage_shape[1]))
         sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, self.block_n), (1, 0))
         # P: the A operand of PV, (64 rows, block_n keys), K-major like Q
         sP_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.block_n), (0, 1))
@@ -73,6 +86,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         class SharedStorage:
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
+            sStage: cute.struct.Align[cute.struct.MemRange[self.kv_dtype, cute.cosize(sStage_layout)], 128]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
             # per warpgroup and row: the tile's row maximum, at the end the partial row sum
             sRow: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
@@ -83,6 +97,16 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         )
         thr_layout = cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1))
         g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+        kv_copy, cvt_copy = g2s_copy, g2s_copy
+        if cutlass.const_expr(self.kv_fp8):
+            # 16 fp8 per cp.async; 4 threads cover 64 columns, so 576 = 9 passes and 64 rows = 1
+            kv_atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                                          self.kv_dtype, num_bits_per_copy=copy_bits)
+            kv_copy = cute.make_tiled_copy_tv(kv_atom, cute.make_layout((NUM_THREADS // 4, 4), stride=(4, 1)),
+                                              cute.make_layout((1, copy_bits // self.kv_dtype.width)))
+            # conversion: 8 elements (one 16 B store of the 16-bit tile) per thread and step
+            cvt_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=copy_bits)
+            cvt_copy = cute.make_tiled_copy_tv(cvt_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
 
         mma_qk = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
@@ -98,7 +122,8 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v3(
             mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, mma_qk, mma_pv, SharedStorage,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, sStage_layout, g2s_copy, kv_copy, cvt_copy,
+            mma_qk, mma_pv, SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
             block=[NUM_THREADS, 1, 1],
@@ -121,7 +146,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
         sP_layout: cute.ComposedLayout,
+        sStage_layout: cute.Layout,
         g2s_copy: cute.TiledCopy,
+        kv_copy: cute.TiledCopy,
+        cvt_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
         mma_pv: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
@@ -147,6 +175,9 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sStage = storage.sStage.get_tensor(sStage_layout)
+        # where cp.async puts KV tiles: the 16-bit ring itself, or the fp8 staging ring
+        sLoad = sStage if cutlass.const_expr(self.kv_fp8) else sKV
         sRow = storage.sRow.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
 
         # ---- Q once, then the first STAGES - 1 KV tiles (one commit group each) ----
@@ -160,11 +191,13 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
                 cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
             else:
                 tQsQ[None, r, None].fill(0)
-        tKVc = thr_g2s.partition_S(cute.make_identity_tensor((BN, self.D)))
+        thr_kv = kv_copy.get_slice(tidx)
+        tKVc = thr_kv.partition_S(cute.make_identity_tensor((BN, self.D)))
         for s in cutlass.range_constexpr(STAGES - 1):
             if t_begin + s < t_end:
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sKV, thr_g2s, g2s_copy, tKVc)
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sLoad, thr_kv, kv_copy, tKVc)
             cute.arch.cp_async_commit_group()
+        thr_cvt = cvt_copy.get_slice(tidx)
 
         # ---- fragments: S half of this warpgroup; O half of this warpgroup over the whole P ----
         thr_qk = mma_qk.get_slice(wg_tidx)
@@ -197,11 +230,23 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             cute.arch.sync_threads()
             nxt = tile + STAGES - 1
             if nxt < t_end:
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sKV, thr_g2s,
-                                     g2s_copy, tKVc)
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sLoad, thr_kv,
+                                     kv_copy, tKVc)
             cute.arch.cp_async_commit_group()
 
-            sK = sKV[None, None, stage]
+            kv_slot = stage
+            if cutlass.const_expr(self.kv_fp8):
+                # fp8 -> 16-bit into the one MMA tile (free: the barrier above follows the
+                # previous tile's PV), then visible to the tensor cores' async proxy
+                src = thr_cvt.partition_S(sStage[None, None, stage])
+                dst = thr_cvt.partition_D(sKV[None, None, 0])
+                for i in cutlass.range_constexpr(cute.size(src.shape[1])):
+                    for j in cutlass.range_constexpr(cute.size(src.shape[2])):
+                        dst[None, i, j].store(src[None, i, j].load().to(self.dtype))
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.sync_threads()
+                kv_slot = 0
+            sK = sKV[None, None, kv_slot]
             # ---- S half = Q K[wg half]^T ----
             tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK, (HN, self.D), (wg, 0))))
             acc_S = cute.make_rmem_tensor(acc_shape_S, cutlass.Float32)
@@ -244,7 +289,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             cute.arch.sync_threads()
 
             # ---- O[:, wg half] += P V over the whole tile: SS wgmma ----
-            sVt = cute.make_tensor(sKV[None, None, stage].iterator, sVt_layout.outer)
+            sVt = cute.make_tensor(sKV[None, None, kv_slot].iterator, sVt_layout.outer)
             tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(cute.local_tile(sVt, (self.dv_half, BN), (wg, 0))))
             _wgmma(mma_pv, acc_O, tOrP, tOrV, False)
 
