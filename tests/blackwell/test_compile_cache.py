@@ -28,7 +28,6 @@ import torch
 
 from tokenspeed_kernels_blackwell import _compile_cache as cc
 
-PKG_SRC = os.path.join(os.path.dirname(__file__), "..", "..", "tokenspeed_kernels_blackwell", "src")
 SHAPE = (torch.bfloat16, 16, 1, 576, 512, 64)
 
 
@@ -405,15 +404,23 @@ CHILD = textwrap.dedent("""
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
     ours = [str(w.message) for w in caught if issubclass(w.category, cc.CacheWarning)]
-    print(json.dumps(dict(compiles=len(compiles), stats=cc.stats.__dict__, errors=errors,
+    print(json.dumps(dict(compiles=len(compiles), stats=cc.stats.__dict__, errors=errors, module=cc.__file__,
                           type=f"{type(fn).__module__}.{type(fn).__name__}", warnings=ours,
                           seconds=round(t2 - t1, 3), import_seconds=round(t1 - t0, 3))))
 """)
 
 
-def _child(cache_dir, mode="run"):
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", TOKENSPEED_CACHE_DIR=str(cache_dir),
-               PYTHONPATH=os.pathsep.join([os.path.abspath(PKG_SRC), os.environ.get("PYTHONPATH", "")]))
+def _snapshot(tmp_path):
+    """A copy of the package for the children: its source hash cannot change between them even
+    while someone edits the checkout (which, rightly, makes the next process compile afresh)."""
+    src = tmp_path / "src"
+    shutil.copytree(cc.PACKAGE_DIR, src / cc.PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+def _child(tmp_path, mode="run"):
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", TOKENSPEED_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "src"), os.environ.get("PYTHONPATH", "")]))
     env.pop(cc.ENV_SWITCH, None)
     proc = subprocess.run([sys.executable, "-c", CHILD, mode], env=env, capture_output=True, text=True,
                           timeout=300)
@@ -435,7 +442,9 @@ def _is_the_v3_h16_kernel(run):
 def test_second_process_loads_the_compiled_kernel_from_disk(tmp_path):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+    _snapshot(tmp_path)
     first = _child(tmp_path)
+    assert first["module"].startswith(str(tmp_path)), first["module"]
     assert first["compiles"] == 1 and first["stats"] == dict(compiles=1, loads=0, stores=1, rejected=0), first
     assert not first["warnings"], first["warnings"]
     _is_the_v3_h16_kernel(first)
