@@ -105,6 +105,45 @@ def _idescs(ptx: str) -> list[dict]:
     return found
 
 
+# The synchronisation protocol, in PTX order (the kernel is straight-line code around one loop,
+# so text order is program order): events of interest, consecutive repeats collapsed.
+_EVENTS = [("wait_group", r"cp\.async\.wait_group"), ("cp_async", r"cp\.async\.cg\.shared\.global"),
+           ("proxy", r"fence\.proxy\.async\.shared::cta"), ("before", r"tcgen05\.fence::before_thread_sync"),
+           ("bar", r"\bbar\.sync\s+0;"), ("after", r"tcgen05\.fence::after_thread_sync"),
+           ("mma", r"tcgen05\.mma\."), ("commit", r"tcgen05\.commit\."), ("try_wait", r"mbarrier\.try_wait"),
+           ("ld", r"tcgen05\.ld\."), ("wait_ld", r"tcgen05\.wait::ld"), ("st", r"tcgen05\.st\."),
+           ("wait_st", r"tcgen05\.wait::st"), ("sts", r"st\.shared\.v4"), ("alloc", r"tcgen05\.alloc"),
+           ("dealloc", r"tcgen05\.dealloc"), ("stg", r"st\.global\.v4"), ("vote", r"vote\.sync\.ballot")]
+PROTOCOL = [
+    "alloc",
+    # loop top: tile landed, published to the async proxy, TMEM reads of the last tile ordered
+    "wait_group", "proxy", "before", "bar", "after",
+    "mma", "commit",  # S = Q K^T, committed to the mbarrier
+    "try_wait", "after",  # S (and the previous PV) done
+    "cp_async",  # next tile into the freed slot
+    "ld", "wait_ld", "sts",  # S row -> softmax -> P to smem
+    "vote", "ld", "wait_ld", "st", "wait_st",  # O correction
+    "proxy", "before", "bar", "after", "mma",  # P published, TMEM stores ordered, then PV
+    "commit", "try_wait", "after",  # after the loop: the last PV done
+    "ld", "wait_ld", "stg",  # epilogue
+    "before", "bar", "dealloc",
+]
+
+
+def _events(split: str) -> list[str]:
+    rx = re.compile("|".join(f"(?P<{n}>{p})" for n, p in _EVENTS))
+    out: list[str] = []
+    for m in rx.finditer(split):
+        if not out or out[-1] != m.lastgroup:
+            out.append(m.lastgroup)
+    return out
+
+
+def _is_subsequence(needle: list[str], hay: list[str]) -> bool:
+    it = iter(hay)
+    return all(any(x == y for y in it) for x in needle)
+
+
 def _check_ptx(path: str, arch: str) -> None:
     from tokenspeed_kernels_blackwell import mla_decode_kernel_sm100 as k
 
@@ -138,7 +177,9 @@ def _check_ptx(path: str, arch: str) -> None:
     sts = re.findall(r"tcgen05\.st\.sync\.aligned\.32x32b\.x32\.b32", split)
     assert len(lds) == 1 + 2 * (dv_cta // k.O_CHUNK), (name, len(lds))
     assert len(sts) == dv_cta // k.O_CHUNK, (name, len(sts))
-    assert "tcgen05.wait::ld" in split and "tcgen05.wait::st" in split, name
+    # every load is waited for before its registers are used; the stores once, before the PV MMA
+    assert split.count("tcgen05.wait::ld") == len(lds), name
+    assert split.count("tcgen05.wait::st") == 1, name
     # MMA completion: commit to an mbarrier (in the loop, after it), waited by parity
     assert split.count("tcgen05.commit.cta_group::1.mbarrier::arrive::one") == 2, name
     assert "mbarrier.try_wait.parity" in split, name
@@ -147,6 +188,9 @@ def _check_ptx(path: str, arch: str) -> None:
     assert "tcgen05.fence::before_thread_sync" in split and "tcgen05.fence::after_thread_sync" in split, name
     assert "fence.proxy.async.shared::cta" in split, name
     assert "cp.async.cg.shared.global" in split, name
+    # every fence, wait and barrier of the protocol, in order
+    events = _events(split)
+    assert _is_subsequence(PROTOCOL, events), (name, " ".join(events))
     # the MMAs are issued by one elected thread
     assert "elect.sync" in split, name
     # partial O leaves as 16-byte stores of each thread's row (32 per row and Dv half), not 4-byte
