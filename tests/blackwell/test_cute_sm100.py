@@ -224,7 +224,6 @@ def test_ctas_per_split():
 def test_rejects_shapes_it_cannot_tile():
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     import cutlass
-
     from tokenspeed_kernels_blackwell.mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
 
     with pytest.raises(ValueError):
