@@ -218,7 +218,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
 
         tmem.wait_for_alloc()
         tmem_ptr = tmem.retrieve_ptr(cutlass.Float32)
-        # one CTA per SM (shared memory): nobody else needs to allocate here
+        # this CTA allocates nothing more: let a CTA waiting to allocate on this SM proceed
         tmem.relinquish_alloc_permit()
 
         # ---- MMA operands (smem descriptors) and accumulators (TMEM) ----
