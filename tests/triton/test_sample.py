@@ -148,10 +148,60 @@ def test_registration_and_compile_targets(registry):
     impl = registry.backend("sample", "triton")
     assert impl.plugin == "triton" and "cuda" in impl.devices
     targets = kernel.compile_targets()
-    assert {sig["logits_ptr"] for _, sig, _ in targets} == {"*fp32", "*bf16", "*fp16"}
-    for fn, sig, constexprs in targets:
+    assert {e[1]["logits_ptr"] for e in targets if "logits_ptr" in e[1]} == {"*fp32", "*bf16", "*fp16"}
+    assert {e[0].__name__ for e in targets} == {"_sample_kernel", "_split_step_kernel", "_split_finish_kernel"}
+    for fn, sig, constexprs, *_ in targets:
         assert set(constexprs) <= set(sig) and all(sig[c] == "constexpr" for c in constexprs)
         assert list(sig) == fn.arg_names
+
+
+def test_path_choice_is_static_in_the_shape():
+    """Small batches split rows (B=1..8 at V=129K: ~256 programs); large ones keep a row per program."""
+    assert kernel.use_split(1, 129280) and kernel.use_split(16, 129280)
+    assert not kernel.use_split(256, 129280) and not kernel.use_split(1, 1000)
+    assert kernel.split_plan(1, 129280) == (1024, 1024, 127)
+    assert kernel.split_plan(4, 129280) == (1024, 2048, 64)
+    assert kernel.split_plan(16, 129280) == (1024, 8192, 16)
+
+
+@pytest.fixture
+def split_small_chunks(monkeypatch):
+    """Force the split-row path on the small grid: 128-wide blocks, ~24 programs per call."""
+    monkeypatch.setattr(kernel, "SPLIT_BLOCK", 128)
+    monkeypatch.setattr(kernel, "SPLIT_PROGRAMS", 24)
+
+
+@needs_interpreter
+def test_conformance_small_grid_split_path(registry, split_small_chunks):
+    # B=7 V=1000: 3 chunks of 384/384/232; B=5 V=513: 256/256/1; B=4 V=777: 256 x 3 + 9;
+    # B=9 V=4096: 2 chunks; B=1 V=1 and B=3 V=2 stay on the row path (one block per row)
+    assert kernel.split_plan(7, 1000) == (128, 384, 3) and kernel.split_plan(5, 513) == (128, 256, 3)
+    assert kernel.split_plan(4, 777) == (128, 256, 4)
+    assert kernel.use_split(6, 300) and not kernel.use_split(3, 2)
+    rep = check_backend("sample", "triton", size="small", device="cpu", registry=registry)
+    assert rep.ok, rep.format(verbose=True)
+    assert sum(r.status == "pass" for r in rep.results) >= len(SPEC.grid("small"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case, block, chunk", [
+    (dict(B=1, V=1000, dtype=torch.bfloat16, mode="filters"), 32, 96),  # 11 chunks, the last 40 wide
+    (dict(B=2, V=300, dtype=torch.float32, mode="filters"), 16, 48),  # 4 top-k digits, 8 top-p stages
+    (dict(B=3, V=777, dtype=torch.float16, masked=True), 32, 64),  # whole chunks of -inf at the tail
+], ids=lambda v: SPEC.label(v) if isinstance(v, dict) else str(v))
+def test_split_path_chunk_boundaries(case, block, chunk):
+    """Split rows cut at awkward places agree with the reference and with the row-per-program path."""
+    for seed in (3,) if case["B"] > 1 else (3, 4, 5):
+        inputs = SPEC.make_inputs(case, torch.Generator().manual_seed(seed), "cpu")
+        call = SPEC.bind(inputs)
+        out = call.tensors["out"].fill_(-7)
+        kernel.launch(**call.kwargs(), path="split", block=block, chunk=chunk)
+        row = torch.full_like(out, -7)
+        kernel.launch(**{**call.kwargs(), "out": row}, path="row", block=block)
+        ref = torch.empty_like(out)
+        SPEC.reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}, out=ref)
+        assert SPEC.compare("out", out, ref, call) is None, seed
+        assert torch.equal(out, row), (seed, out, row)  # same math; sums differ only in order
 
 
 @needs_interpreter

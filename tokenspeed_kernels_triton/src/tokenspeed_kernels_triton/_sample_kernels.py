@@ -51,8 +51,20 @@ def _row_key(seed, offset):
 @triton.jit
 def _random_bits(idx, h):
     """bits_i of the spec for int32 vocabulary indices ``idx`` and row key ``h``."""
-    i = idx.to(tl.uint32)
-    return _fmix32(_fmix32(i * 0x9E3779B9 + h) ^ h)
+    # the two fmix32 rounds written out: nested jit calls are slow under the interpreter
+    x = idx.to(tl.uint32) * 0x9E3779B9 + h
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    x ^= h
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
 
 
 @triton.jit

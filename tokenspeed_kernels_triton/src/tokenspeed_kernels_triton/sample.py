@@ -130,7 +130,7 @@ def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_
             h = _row_key(tl.load(seeds_ptr + row), tl.load(offsets_ptr + row))
             for off in range(0, chunk, BLOCK):
                 idx = cols + off
-                x = _load_row(base, idx, V)
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
                 gt = x > mx
                 mi = tl.where(gt, idx, mi)
                 mx = tl.where(gt, x, mx)
@@ -139,7 +139,7 @@ def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_
             counts = tl.zeros([256], tl.int32)
             for off in range(0, chunk, BLOCK):
                 idx = cols + off
-                x = _load_row(base, idx, V)
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
                 gt = x > mx
                 mi = tl.where(gt, idx, mi)
                 mx = tl.where(gt, x, mx)
@@ -167,7 +167,7 @@ def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_
             counts = tl.zeros([256], tl.int32)
             for off in range(0, chunk, BLOCK):
                 idx = cols + off
-                key = _ordered_key(_load_row(base, idx, V), KEY_SHIFT)
+                key = _ordered_key(tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32), KEY_SHIFT)
                 match = (idx < V) & ((key & high) == prefix)
                 counts += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
             tl.atomic_add(hist_row + step * 256 + d256, counts, mask=counts > 0)
@@ -189,7 +189,7 @@ def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_
                     above_lo = tl.zeros([BLOCK], tl.float32)
                     for off in range(0, chunk, BLOCK):
                         idx = cols + off
-                        x = _load_row(base, idx, V)
+                        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
                         key = _ordered_key(x, KEY_SHIFT)
                         q = tl.exp((x - m) * inv_t)
                         q = tl.where((idx < V) & (key >= k_key), q, 0.0)
@@ -218,7 +218,7 @@ def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_
             bi = tl.zeros([BLOCK], tl.int32)
             for off in range(0, chunk, BLOCK):
                 idx = cols + off
-                x = _load_row(base, idx, V)
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
                 key = _ordered_key(x, KEY_SHIFT)
                 thr = (idx < V) & (key >= k_key) & (key >= p_key)
                 bq, be, bi = _race_step(x, idx, h, m, inv_t, thr, min_p, bq, be, bi, FAST)
