@@ -94,6 +94,13 @@ DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v3")
 # the rows with 16 folded rows (run 2 on an H200, run 3 b = 1 on an H100).
 WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
+# sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
+# (mla_decode_kernel_sm100.py). Compiled for every shape class on CPU, never run on hardware:
+# selectable on a Blackwell GPU only with TOKENSPEED_CUTE_SM100=1 until it has passed the
+# conformance kit there. Not in VARIANTS, which the sm_90a benchmarks iterate over.
+SM100_VARIANT = "tcgen05"
+SM100_BLOCK_N = 32
+SM100_ENABLED = os.environ.get("TOKENSPEED_CUTE_SM100", "") == "1"
 
 
 # -- compilation ---------------------------------------------------------------------------------
@@ -109,8 +116,10 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
     the duration of the compile (unset, the DSL silently targets sm_100a).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+    if variant not in VARIANTS and variant != SM100_VARIANT:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS) + [SM100_VARIANT]}")
+    if variant == SM100_VARIANT and arch == "sm_90a":
+        raise ValueError(f"variant {variant} uses tcgen05, which sm_90a does not have")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     if kv_dtype == FP8 and variant not in FP8_VARIANTS:
         raise ValueError(f"variant {variant} has no fp8 cache path (one of {FP8_VARIANTS})")
@@ -155,7 +164,11 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         cutlass.Float32(1.0),
         make_fake_stream(),
     )
-    if variant == "v1":
+    if variant == SM100_VARIANT:
+        from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
+
+        kernel = MlaDecodeSplitKVTcgen05(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
+    elif variant == "v1":
         kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
     elif variant.startswith("v2"):
         from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
@@ -242,16 +255,17 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
     ``num_kv_splits`` overrides the split rule (benchmarks sweep it); it must be >= 1."""
     from .mla_decode_kernel import BLOCK_M, softmax_scale_log2
 
-    variant = variant or DEFAULT_VARIANT
-
     batch, q_len, heads, d = q.shape
     if batch == 0:
         return
     dev = q.device
     cap = torch.cuda.get_device_capability(dev)
     arch = TARGETS[cap]
-    if variant != "v1" and arch != "sm_90a":
-        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use v1)")
+    variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
+    if variant == SM100_VARIANT and arch == "sm_90a":
+        raise RuntimeError(f"variant {variant} uses tcgen05, which sm_90a does not have")
+    if variant not in ("v1", SM100_VARIANT) and arch != "sm_90a":
+        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT} or v1)")
     fn = compile_kernel(arch, q.dtype, heads, q_len, kv_cache.shape[1], d, head_dim_v, variant,
                         kv_dtype=kv_cache.dtype)
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -266,6 +280,10 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
             raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
     elif variant == "v1":
         splits = num_splits(batch, -(-m // BLOCK_M), max_rows, sms)
+    elif variant == SM100_VARIANT:
+        from .mla_decode_kernel_sm100 import ctas_per_split  # 128-row blocks x 2 Dv halves
+
+        splits = num_splits_one_wave(batch, ctas_per_split(m), max_rows, sms, SM100_BLOCK_N)
     else:
         splits = num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"])
     o_part = torch.empty((batch, splits, m, head_dim_v), dtype=torch.float32, device=dev)
@@ -300,8 +318,8 @@ SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARI
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
     f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")
 SM100_UNAVAILABLE = (
-    "sm_100a (tcgen05/TMEM) variant not written yet; the sm_90a mma.sync kernel compiles for "
-    "sm_100a in CI but has not run on Blackwell hardware"
+    "sm_100a/sm_103a tcgen05/TMEM kernel: compiled for every shape class in CI, never run on "
+    "hardware; set TOKENSPEED_CUTE_SM100=1 to make it selectable on a Blackwell GPU"
 )
 
 
@@ -329,20 +347,17 @@ def register(registry, backend: str, priority, preferred=None) -> None:
         status=SM90_STATUS, unavailable=missing,
     )
     registry.register(
-        OP, _sm100_not_available, backend=f"{backend}_sm100", devices=("cuda",),
-        capability=((10, 0), (10, 3)), dtypes=DTYPES, supports=supports_for("sm100"), priority=priority,
-        doc="CuTe DSL MLA decode, sm_100a (tcgen05/TMEM)", status="compiled, not run on hardware",
-        unavailable=missing or SM100_UNAVAILABLE,
+        OP, make_mla_decode(SM100_VARIANT), backend=f"{backend}_sm100", devices=("cuda",),
+        capability=((10, 0), (10, 3)), dtypes=DTYPES, supports=supports_for(SM100_VARIANT), priority=priority,
+        doc="CuTe DSL MLA decode, sm_100a/sm_103a (tcgen05 MMA, TMEM accumulators, split-KV + combine, LSE)",
+        status="compiled, not run on hardware",
+        unavailable=missing or ("" if SM100_ENABLED else SM100_UNAVAILABLE),
     )
-
-
-def _sm100_not_available(**kwargs) -> None:  # never selected: registered as unavailable
-    raise RuntimeError(SM100_UNAVAILABLE)
 
 
 def make_mla_decode(variant: str):
     """The launcher bound to one kernel variant (benchmarks register v1 and v2 side by side)."""
-    if variant not in VARIANTS:
+    if variant not in VARIANTS and variant != SM100_VARIANT:
         raise ValueError(f"unknown variant {variant!r}")
 
     def launch(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
@@ -355,4 +370,4 @@ def make_mla_decode(variant: str):
 
 
 __all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2", "num_splits_one_wave",
-           "register", "shape_classes", "supports", "supports_for"]
+           "register", "shape_classes", "supports", "supports_for", "SM100_VARIANT"]
