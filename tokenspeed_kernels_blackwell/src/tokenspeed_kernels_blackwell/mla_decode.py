@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from . import _compile_cache
+
 OP = "mla_decode"
 PAGE_MULTIPLE = 64  # a KV tile is 64 contiguous rows of one page
 HEAD_DIM, HEAD_DIM_V = 576, 512
@@ -111,7 +113,8 @@ _compile_lock = threading.Lock()
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
                    head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str = "v1",
                    kv_dtype: torch.dtype | None = None):
-    """Compile (or fetch from the in-process cache) the kernel of one shape class for ``arch``.
+    """The kernel of one shape class for ``arch``: from the in-process cache, else from the disk
+    cache (:mod:`._compile_cache`; ``TOKENSPEED_CUTE_CACHE=0`` turns it off), else compiled.
 
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
     the duration of the compile (unset, the DSL silently targets sm_100a).
@@ -130,7 +133,9 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     with _compile_lock:
         fn = _compiled.get(key)
         if fn is None:
-            fn = _compiled[key] = _compile(*key)
+            # on disk: the shape class is the key less arch and variant, which are keyed apart
+            disk_key = _compile_cache.make_key(arch, variant, key[1:7] + key[8:])
+            fn = _compiled[key] = _compile_cache.load_or_compile(disk_key, lambda: _compile(*key))
     return fn
 
 
