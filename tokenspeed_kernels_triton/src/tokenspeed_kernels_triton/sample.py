@@ -98,7 +98,7 @@ def _replay_top_p(pm_row, nsplit, s0, upto, prefix, top_p,
     return prefix, active
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # one compile for every pass (step == 1 would specialise)
 def _split_step_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
                        offsets_ptr, wsf_ptr, wsi_ptr, hist_ptr, pmass_ptr, V, row_stride, nsplit,
                        chunk, step, BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr,
@@ -299,7 +299,7 @@ def launch(logits, temperature, top_k, top_p, min_p, seeds, offsets, out, *, pat
     wsi = torch.zeros(B * nsplit * WSI + B * n_dig * 256, dtype=torch.int32, device=dev)
     chunk_f, pmass = wsf[:B * nsplit * WSF], wsf[B * nsplit * WSF:]
     chunk_i, hist = wsi[:B * nsplit * WSI], wsi[B * nsplit * WSI:]
-    p2 = max(2, triton.next_power_of_2(nsplit))
+    p2 = max(16, triton.next_power_of_2(nsplit))  # fewer distinct compiles; masked lanes are free
     for step in range(n_dig + n_stage + 1):
         _split_step_kernel[(B, nsplit)](
             logits, temperature, top_k, top_p, min_p, seeds, offsets, chunk_f, chunk_i, hist, pmass,
