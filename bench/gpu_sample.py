@@ -169,6 +169,47 @@ def check_forced(reg, spec, kernel, device, cases, split_max_b: int, tag: str) -
     return lines
 
 
+class StepZeroOnly:
+    """Stands in for ``_split_step_kernel``: launches step 0 only (the plain-row work), so a graph of
+    memset + step 0 + finish against the full chain prices the launches that plain rows skip."""
+
+    def __init__(self, kern):
+        self.kern = kern
+
+    def __getitem__(self, grid):
+        run = self.kern[grid]
+        at = self.kern.arg_names.index("step")
+        return lambda *a, **kw: run(*a, **kw) if a[at] == 0 else None
+
+
+def node_cost(kernel, spec, device, iters: int) -> dict:
+    """B=1 plain, graph replay: the full split chain vs step 0 + finish only (same output)."""
+    case = dict(B=1, V=129280, dtype=torch.bfloat16, mode="plain")
+    sets = [spec.bind(spec.make_inputs(case, torch.Generator().manual_seed(s), device)) for s in range(ROTATE)]
+    full = time_calls([(lambda c=c: kernel.sample(**c.kwargs())) for c in sets], device, iters=iters,
+                      cuda_graph=True).median_us
+    orig = kernel._split_step_kernel
+    kernel._split_step_kernel = StepZeroOnly(orig)
+    try:
+        out = sets[0].tensors["out"].fill_(-7)
+        kernel.sample(**sets[0].kwargs())
+        short_ok = spec.compare("out", out.cpu().clone(), kernel_ref(spec, sets[0]), sets[0]) is None
+        short = time_calls([(lambda c=c: kernel.sample(**c.kwargs())) for c in sets], device, iters=iters,
+                           cuda_graph=True).median_us
+    finally:
+        kernel._split_step_kernel = orig
+    shift = kernel._key_shift(case["dtype"])
+    skipped = (32 - shift) // 8 - 1 + (32 - shift) // 4 + 1
+    return {"full_us": full, "step0_finish_us": short, "skipped_launches": skipped,
+            "us_per_skipped_launch": (full - short) / skipped, "short_chain_correct": short_ok}
+
+
+def kernel_ref(spec, call):
+    ref = torch.empty(call.tensors["out"].shape[0], dtype=torch.int64)
+    spec.reference(**{k: v.detach().cpu() for k, v in call.kwargs().items() if k != "out"}, out=ref)
+    return ref
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -258,6 +299,15 @@ def main() -> int:
         same = (outs["v3"] == outs["v3-row"]).float().mean().item()
         log(f"timed {label} (reference {time.time() - t_ref:.1f}s incl. timing; v3 == v3-row on {same:.3f} of rows)")
     result["rows"] = table
+    if not args.smoke:
+        try:
+            result["node_cost"] = nc = node_cost(kernel, spec, device, args.iters)
+            summary.append(f"B=1 plain graph: full chain {nc['full_us']:.1f} us, memset + step 0 + finish "
+                           f"{nc['step0_finish_us']:.1f} us -> {nc['us_per_skipped_launch']:.2f} us per "
+                           f"no-op launch ({nc['skipped_launches']}); short chain correct: {nc['short_chain_correct']}")
+            log(summary[-1])
+        except Exception as exc:  # a diagnostic, not the end of the run
+            log(f"node cost failed: {type(exc).__name__}: {exc}")
     with open(os.path.join(args.out, "sample.json"), "w") as f:
         json.dump(result, f, indent=1)
 
