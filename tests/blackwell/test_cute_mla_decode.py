@@ -255,3 +255,7 @@ def test_v2_compiles_for_sm90a_with_wgmma(variant, tmp_path):
         unroll = cute_mla.VARIANTS[variant].get("combine_unroll", 1)
         assert combine.count("ld.global") >= 4 * unroll + 2, (variant, combine.count("ld.global"))
         assert "shfl.sync.bfly" in combine and "st.shared" in combine, variant
+        # the combine is a programmatic dependent launch: it must wait for the split grid
+        assert "griddepcontrol.wait" in combine, variant
+        if variant == "v3":  # ... which lets it be scheduled early
+            assert "griddepcontrol.launch_dependents" in text.split(".entry ")[1], variant

@@ -61,6 +61,7 @@ class SplitKVCombine:
             block=[COMBINE_WARPS * 32, 1, 1],
             smem=CombineStorage.size_in_bytes(),
             stream=stream,
+            use_pdl=True,  # programmatic dependent launch: see combine_kernel
         )
 
     @cute.kernel
@@ -80,6 +81,12 @@ class SplitKVCombine:
         lane = tidx % 32
         num_splits = mOPart.shape[1]
 
+        # Launched as a programmatic dependent of the split stage (use_pdl): its CTAs may be
+        # scheduled while the split kernel still runs (once every split CTA has called
+        # griddepcontrol.launch_dependents, or exited), which hides the launch latency between
+        # the two kernels. Nothing it reads may be touched before the split grid has finished
+        # and flushed its writes: that is this wait (a no-op when launched without PDL).
+        cute.arch.griddepcontrol_wait()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(CombineStorage)
         sW = storage.weights.get_tensor(cute.make_layout((MAX_SPLITS,)))

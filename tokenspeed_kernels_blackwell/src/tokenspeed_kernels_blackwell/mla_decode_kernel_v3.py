@@ -170,6 +170,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         t_end = cutlass.min(t_begin + per_split, n_tiles)
         row0 = m_block * BLOCK_M
 
+        # let the combine (a programmatic dependent launch) be scheduled as soon as every CTA of
+        # this grid has started: it waits for this grid's end itself (griddepcontrol.wait), and
+        # by then every split CTA is resident, so it can only take SMs that split CTAs have left
+        cute.arch.griddepcontrol_launch_dependents()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
