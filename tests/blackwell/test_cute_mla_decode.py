@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -220,6 +221,39 @@ def test_compiles_for_target(arch, tmp_path):
         text = open(p).read()
         assert f".target {arch}" in text, p
         assert text.count("mma.sync.aligned.m16n8k16") > 0, "tensor-core MMA missing"
+
+
+SHAPES_V4 = [  # (dtype, H, q_len, page size, variant, cache dtype): the few-rows kernel's classes
+    ("bfloat16", 16, 1, 64, "v4"), ("float16", 32, 1, 128, "v4"), ("bfloat16", 8, 3, 64, "v4"),
+    ("bfloat16", 16, 1, 64, "v4", "float8_e4m3fn"),
+]
+
+
+def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="ptx",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(PKG_SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(SHAPES_V4)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = sorted(glob.glob(str(tmp_path / "*.ptx")))
+    assert len(ptx) == len(SHAPES_V4), [os.path.basename(p)[-40:] for p in ptx]
+    widths = set()
+    for p in ptx:
+        text = open(p).read()
+        split = text.split(".entry ")[1]
+        assert "attention_kernel_v4" in split[:80], p
+        mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16[^;]*p, 1,  1, ([01]), ([01]);", split)
+        assert mmas, p
+        assert len({w for w, _, _ in mmas}) == 1, "one N for both products"
+        widths.add(int(mmas[0][0]))
+        # S^T = K Q^T: 36 k-steps, nothing transposed; O^T += V^T P^T: 8 Dv blocks x 4 k-steps,
+        # V^T read MN-major from the KV tile (the A-transpose bit)
+        assert sum(1 for _, ta, tb in mmas if (ta, tb) == ("0", "0")) == 576 // 16, p
+        assert sum(1 for _, ta, tb in mmas if (ta, tb) == ("1", "0")) == 8 * 4, p
+        assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
+    assert widths == {16, 32}  # no padding of the query rows to 64
 
 
 @pytest.mark.parametrize("variant", ["v2", "v2_n64", "v2_n64_c8", "v3"])

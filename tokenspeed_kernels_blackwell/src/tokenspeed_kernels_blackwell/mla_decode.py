@@ -29,7 +29,7 @@ MAX_HEADS = 128
 MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS: the combine stages one weight per split in smem
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
-FP8_VARIANTS = ("v3",)  # the variants with an fp8 e4m3 cache path
+FP8_VARIANTS = ("v3", "v4")  # the variants with an fp8 e4m3 cache path
 # capability -> CUTE_DSL_ARCH of the kernel that runs there
 TARGETS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 
@@ -82,9 +82,12 @@ def _supports(sig) -> str | None:
 # "v2_n64_c8" = v2_n64 with the combine's loops over splits unrolled 8x (8 loads in flight per
 # thread instead of one dependent load per split: b = 1 runs ~120 splits).
 # "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py).
+# "v4" = v3, except where H x q_len <= 32: there the KV rows are the MMA's M axis and the query
+# rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
 VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
             "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8),
-            "v3": dict(block_n=64, stages=2, combine_unroll=8)}
+            "v3": dict(block_n=64, stages=2, combine_unroll=8),
+            "v4": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). Every wgmma variant passed the conformance kit's full grid on hardware (46 pass, 27
 # skipped by `supports`, graph replay == eager): v2 on an H200, v2_n64 / v2_n64_c8 / v3 on an
@@ -94,7 +97,7 @@ DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v3")
 # every row of its class (None: nowhere). v3 and v2_n64_c8 beat Triton on all 24 rows of run 3
 # (H100: memory-bound 1.22-1.25x, b = 1 1.07-1.44x, compute-bound 1.6-2.1x); v2 and v2_n64 lost
 # the rows with 16 folded rows (run 2 on an H200, run 3 b = 1 on an H100).
-WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1}
+WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1, "v4": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 # sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
 # (mla_decode_kernel_sm100.py). Compiled for every shape class on CPU, never run on hardware:
@@ -180,6 +183,11 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
 
         kernel = MlaDecodeSplitKVWgmma(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
                                        **VARIANTS[variant])
+    elif variant == "v4" and m <= 32:
+        from .mla_decode_kernel_v4 import MlaDecodeSplitKVRowsOnM
+
+        kernel = MlaDecodeSplitKVRowsOnM(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
+                                         kv_dtype=kv_dt, **VARIANTS[variant])
     else:
         from .mla_decode_kernel_v3 import MlaDecodeSplitKVSharedS
 

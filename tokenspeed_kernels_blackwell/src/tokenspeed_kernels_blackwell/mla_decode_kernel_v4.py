@@ -1,0 +1,335 @@
+"""CuTe DSL MLA decode, v4 for sm_90a and few folded rows: the KV rows are the MMA's M axis.
+
+Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
+installed). Same interface, split-KV scheme, loader and combine as v2/v3; used where the folded
+query rows M = H x q_len are at most 32 (plain decode with 16 or 32 heads, a 2-token verify with
+16), where v3 pads M to the 64 rows of a wgmma and so spends 2-4x the tensor work that the real
+rows need. On an H200 that made the 16-head decode MMA-bound at ~82-87% of copy, and an fp8 cache
+slower than a 16-bit one (docs/perf/cute.md, run 4). Here (docs/cute.md, "v4"):
+
+- S^T = K Q^T: one wgmma chain m64 nN k16 (N = 16 or 32 query rows, no padding to 64), A = the
+  64-row KV tile (K-major, as loaded), B = Q (K-major), 36 k-steps over D = 576.
+- The softmax runs down the columns of S^T (one column per query row): a thread's two rows, then
+  the 8 lanes of a column (shuffles), then the 4 warps (shared memory, one barrier).
+- O^T += V^T P^T: m64 nN k16 over the 8 64-row blocks of Dv = 512, A = V^T read MN-major from
+  the same smem tile (no copy), B = P^T written to smem (2-4 KB) by the softmax.
+- One warpgroup per CTA (128 threads, 64-80 fp32 accumulator registers), one CTA per SM: Q
+  (18-36 KB) + a 2-slot ring of 72 KB tiles; per tile the MMAs read ~160 KB of smem (~0.6 µs),
+  well under the tile's load time, so the loads stay the limit.
+- fp8 e4m3 cache: a 3-slot fp8 staging ring (two tiles in flight) and one 16-bit tile that all
+  threads convert each staged tile into, as in v3.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+
+from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma, _mn_view_sm90, _wgmma
+
+NUM_THREADS_V4 = 128  # one warpgroup
+MAX_ROWS_V4 = 32  # folded query rows this kernel takes (the wgmma N)
+KV_ROWS = 64  # a KV tile = the wgmma M
+
+
+@cute.jit
+def _lanes_max(v: cutlass.Float32) -> cutlass.Float32:
+    """Max over the 8 lanes that hold the same accumulator columns (lane bits 2-4)."""
+    for i in cutlass.range_constexpr(3):
+        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=4 << i, mask=-1, mask_and_clamp=31))
+    return v
+
+
+@cute.jit
+def _lanes_sum(v: cutlass.Float32) -> cutlass.Float32:
+    for i in cutlass.range_constexpr(3):
+        v = v + cute.arch.shuffle_sync_bfly(v, offset=4 << i, mask=-1, mask_and_clamp=31)
+    return v
+
+
+class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
+    """v4: one warpgroup, KV rows on the MMA M axis, query rows on N (M = H x q_len <= 32)."""
+
+    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
+                 combine_unroll=1, kv_dtype=None):
+        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, KV_ROWS, stages,
+                         combine_unroll)
+        if self.M > MAX_ROWS_V4:
+            raise ValueError(f"v4 takes at most {MAX_ROWS_V4} folded rows, got {self.M}")
+        self.N = 16 if self.M <= 16 else 32
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.kv_fp8 = self.kv_dtype.width == 8
+        self.kv_slots = 1 if self.kv_fp8 else 2  # 16-bit tiles in smem
+        self.stages = 3 if self.kv_fp8 else 2  # load ring depth (fp8: staging slots)
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
+        stream,
+    ):
+        dtype = self.dtype
+        BN, N = self.block_n, self.N
+        k_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.K_SW128, dtype)
+        mn_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.MN_SW128, dtype)
+        sQ_layout = cute.tile_to_shape(k_atom, (N, self.D), (0, 1))
+        sKV_layout = cute.tile_to_shape(k_atom, (BN, self.D, self.kv_slots), (0, 1, 2))
+        # V^T view of one tile: (Dv, BN), MN-major; the same offsets as sKV's (row, col < Dv)
+        sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, BN), (1, 0))
+        # P^T: the B operand of O^T += V^T P^T, (N query rows, BN keys), K-major like Q
+        sP_layout = cute.tile_to_shape(k_atom, (N, BN), (0, 1))
+        stage_shape = (BN, self.D, self.stages) if self.kv_fp8 else (1, 16, 1)
+        sStage_layout = cute.make_layout(stage_shape, stride=(stage_shape[1], 1, stage_shape[0] * stage_shape[1]))
+
+        @cute.struct
+        class SharedStorage:
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
+            sStage: cute.struct.Align[cute.struct.MemRange[self.kv_dtype, cute.cosize(sStage_layout)], 128]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+            # per warp and query row: the tile's column maximum, at the end the partial sum
+            sCol: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 4 * MAX_ROWS_V4], 16]
+
+        copy_bits = 128
+        g2s_atom = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
+        )
+        thr_layout = cute.make_layout((NUM_THREADS_V4 // 8, 8), stride=(8, 1))
+        g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+        kv_copy, cvt_copy = g2s_copy, g2s_copy
+        if cutlass.const_expr(self.kv_fp8):
+            kv_atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                                          self.kv_dtype, num_bits_per_copy=copy_bits)
+            kv_copy = cute.make_tiled_copy_tv(kv_atom, cute.make_layout((NUM_THREADS_V4 // 4, 4), stride=(4, 1)),
+                                              cute.make_layout((1, copy_bits // self.kv_dtype.width)))
+            cvt_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=copy_bits)
+            cvt_copy = cute.make_tiled_copy_tv(cvt_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+
+        # S^T = K Q^T: A = KV tile (K-major), B = Q (K-major)
+        mma_s = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1), (BN, N),
+        )
+        # O^T += V^T P^T: A = V^T (MN-major view of the same tile), B = P^T (K-major)
+        mma_o = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.MN, OperandMajorMode.K, cutlass.Float32, (1, 1, 1), (BN, N),
+        )
+
+        batch = mQ.shape[0]
+        num_splits = mOPart.shape[1]
+        self.attention_kernel_v4(
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, sStage_layout, g2s_copy, kv_copy, cvt_copy,
+            mma_s, mma_o, SharedStorage,
+        ).launch(
+            grid=[1, num_splits, batch],
+            block=[NUM_THREADS_V4, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+        )
+        self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
+
+    @cute.kernel
+    def attention_kernel_v4(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        sVt_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+        sStage_layout: cute.Layout,
+        g2s_copy: cute.TiledCopy,
+        kv_copy: cute.TiledCopy,
+        cvt_copy: cute.TiledCopy,
+        mma_s: cute.TiledMma,
+        mma_o: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        BN, N = self.block_n, self.N
+        STAGES = self.stages
+        tidx, _, _ = cute.arch.thread_idx()
+        _, split, b = cute.arch.block_idx()
+        num_splits = cute.arch.grid_dim()[1]
+        warp = tidx // 32
+        lane = tidx % 32
+
+        n = mSeqlens[b]
+        n_tiles = (n + BN - 1) // BN
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        t_end = cutlass.min(t_begin + per_split, n_tiles)
+
+        cute.arch.griddepcontrol_launch_dependents()  # the combine may be scheduled (see v3)
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        # the same P^T smem seen as (keys, query rows): where the S^T-shaped accumulator goes
+        sP_kn = storage.sP.get_tensor(cute.select(sP_layout.outer, mode=[1, 0]), swizzle=sP_layout.inner)
+        sStage = storage.sStage.get_tensor(sStage_layout)
+        sLoad = sStage if cutlass.const_expr(self.kv_fp8) else sKV
+        sCol = storage.sCol.get_tensor(cute.make_layout((4, MAX_ROWS_V4), stride=(MAX_ROWS_V4, 1)))
+
+        # ---- Q (rows past M zero-filled), then the first STAGES - 1 KV tiles ----
+        thr_g2s = g2s_copy.get_slice(tidx)
+        gQ = cute.local_tile(mQ[b, None, None], (N, self.D), (0, 0))
+        tQgQ = thr_g2s.partition_S(gQ)
+        tQsQ = thr_g2s.partition_D(sQ)
+        tQc = thr_g2s.partition_S(cute.make_identity_tensor((N, self.D)))
+        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+            if tQc[0, r, 0][0] < self.M:
+                cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
+            else:
+                tQsQ[None, r, None].fill(0)
+        thr_kv = kv_copy.get_slice(tidx)
+        tKVc = thr_kv.partition_S(cute.make_identity_tensor((BN, self.D)))
+        for s in cutlass.range_constexpr(STAGES - 1):
+            if t_begin + s < t_end:
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sLoad, thr_kv, kv_copy, tKVc)
+            cute.arch.cp_async_commit_group()
+        thr_cvt = cvt_copy.get_slice(tidx)
+
+        # ---- fragments ----
+        thr_s = mma_s.get_slice(tidx)
+        thr_o = mma_o.get_slice(tidx)
+        tSrQ = mma_s.make_fragment_B(thr_s.partition_B(sQ))
+        acc_shape_S = thr_s.partition_shape_C((BN, N))
+        tPsP = thr_s.partition_C(sP_kn)  # where this thread's P^T elements go
+        tOrP = mma_o.make_fragment_B(thr_o.partition_B(sP))
+        acc_O = cute.make_rmem_tensor(thr_o.partition_shape_C((self.Dv, N)), cutlass.Float32)
+        acc_O.fill(0.0)
+        acc_O_mn = _mn_view_sm90(acc_O)  # (Dv rows of this thread, its query columns)
+
+        tScS_mn = _mn_view_sm90(thr_s.partition_C(cute.make_identity_tensor((BN, N))))
+        rows_per_thr = cute.size(tScS_mn, mode=[0])
+        cols_per_thr = cute.size(tScS_mn, mode=[1])
+        col_max = cute.make_rmem_tensor((cols_per_thr,), cutlass.Float32)
+        col_sum = cute.make_rmem_tensor((cols_per_thr,), cutlass.Float32)  # over this thread's rows
+        col_max.fill(-cutlass.Float32.inf)
+        col_sum.fill(0.0)
+        col_limit = cute.make_rmem_tensor((cols_per_thr,), cutlass.Int32)
+        for c in cutlass.range_constexpr(cols_per_thr):
+            q = tScS_mn[0, c][1]
+            col_limit[c] = n - self.Q + cutlass.min(q, self.M - 1) // self.H
+
+        for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
+            stage = (tile - t_begin) % STAGES
+            cute.arch.cp_async_wait_group(STAGES - 2)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            # also: every warp is done with the previous tile's sCol, sP and KV slot
+            cute.arch.sync_threads()
+            nxt = tile + STAGES - 1
+            if nxt < t_end:
+                self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sLoad, thr_kv,
+                                     kv_copy, tKVc)
+            cute.arch.cp_async_commit_group()
+
+            kv_slot = stage
+            if cutlass.const_expr(self.kv_fp8):
+                src = thr_cvt.partition_S(sStage[None, None, stage])
+                dst = thr_cvt.partition_D(sKV[None, None, 0])
+                for i in cutlass.range_constexpr(cute.size(src.shape[1])):
+                    for j in cutlass.range_constexpr(cute.size(src.shape[2])):
+                        dst[None, i, j].store(src[None, i, j].load().to(self.dtype))
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.sync_threads()
+                kv_slot = 0
+            sK = sKV[None, None, kv_slot]
+
+            # ---- S^T = K Q^T ----
+            tSrK = mma_s.make_fragment_A(thr_s.partition_A(sK))
+            acc_S = cute.make_rmem_tensor(acc_shape_S, cutlass.Float32)
+            _wgmma(mma_s, acc_S, tSrK, tSrQ, True)
+
+            # ---- mask, scale; column maxima of this tile -> smem ----
+            acc_S_mn = _mn_view_sm90(acc_S)
+            pos0 = tile * BN
+            tile_max = cute.make_rmem_tensor((cols_per_thr,), cutlass.Float32)
+            for c in cutlass.range_constexpr(cols_per_thr):
+                mx = -cutlass.Float32.inf
+                for r in cutlass.range_constexpr(rows_per_thr):
+                    if pos0 + tScS_mn[r, 0][0] > col_limit[c]:
+                        acc_S_mn[r, c] = -cutlass.Float32.inf
+                    else:
+                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
+                    mx = cute.arch.fmax(mx, acc_S_mn[r, c])
+                tile_max[c] = _lanes_max(mx)
+                if lane < 4:
+                    sCol[warp, tScS_mn[0, c][1]] = tile_max[c]
+            cute.arch.sync_threads()
+
+            # ---- online softmax down each column (same max in every thread of a column) ----
+            for c in cutlass.range_constexpr(cols_per_thr):
+                q = tScS_mn[0, c][1]
+                m_new = cute.arch.fmax(col_max[c], tile_max[c])
+                for w in cutlass.range_constexpr(4):
+                    m_new = cute.arch.fmax(m_new, sCol[w, q])
+                m_safe = 0.0 if m_new == -cutlass.Float32.inf else m_new
+                alpha = cute.math.exp2(col_max[c] - m_safe, fastmath=True)
+                p_col = cute.math.exp2(acc_S_mn[None, c].load() - m_safe, fastmath=True)
+                col_sum[c] = col_sum[c] * alpha + p_col.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                col_max[c] = m_new
+                acc_S_mn[None, c] = p_col
+                acc_O_mn[None, c] = acc_O_mn[None, c].load() * alpha
+
+            # ---- P^T -> smem (16-bit), visible to the tensor cores ----
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            rP.store(acc_S.load().to(self.dtype))
+            for i in cutlass.range_constexpr(cute.size(rP)):
+                tPsP[i] = rP[i]
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.sync_threads()
+
+            # ---- O^T += V^T P^T over all 8 row blocks of Dv ----
+            sVt = cute.make_tensor(sKV[None, None, kv_slot].iterator, sVt_layout.outer)
+            tOrV = mma_o.make_fragment_A(thr_o.partition_A(sVt))
+            _wgmma(mma_o, acc_O, tOrV, tOrP, False)
+
+        cute.arch.cp_async_wait_group(0)
+
+        # ---- epilogue: column sums over all rows, normalise, write the split's partials ----
+        cute.arch.sync_threads()
+        for c in cutlass.range_constexpr(cols_per_thr):
+            col_sum[c] = _lanes_sum(col_sum[c])
+            if lane < 4:
+                sCol[warp, tScS_mn[0, c][1]] = col_sum[c]
+        cute.arch.sync_threads()
+        for c in cutlass.range_constexpr(cols_per_thr):
+            q = tScS_mn[0, c][1]
+            total = cutlass.Float32(0.0)
+            for w in cutlass.range_constexpr(4):
+                total = total + sCol[w, q]
+            empty = total == 0.0
+            inv = 0.0 if empty else 1.0 / total
+            lse = -cutlass.Float32.inf if empty else (col_max[c] + cute.math.log2(total)) * 0.6931471805599453
+            acc_O_mn[None, c] = acc_O_mn[None, c].load() * inv
+            if warp == 0:
+                if lane < 4:
+                    if q < self.M:
+                        mLsePart[b, split, q] = lse
+
+        cO = thr_o.partition_C(cute.make_identity_tensor((self.Dv, N)))
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            q = cO[i][1]
+            if q < self.M:
+                mOPart[b, split, q, cO[i][0]] = acc_O[i]
+
+
+__all__ = ["MAX_ROWS_V4", "MlaDecodeSplitKVRowsOnM"]
