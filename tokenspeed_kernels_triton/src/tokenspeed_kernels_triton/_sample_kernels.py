@@ -160,7 +160,7 @@ def _digit_select(counts, digits, above, k):
 
 
 @triton.jit
-def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr):
+def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr, PREFETCH: tl.constexpr):
     """The k-th largest key (1 <= k < V), exactly: radix select, an 8-bit digit per pass."""
     KEY_BITS: tl.constexpr = 32 - KEY_SHIFT
     cols = tl.arange(0, BLOCK)
@@ -171,9 +171,15 @@ def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr):
         shift = KEY_BITS - 8 * (s + 1)
         high = _high_mask(shift + 8)
         counts = tl.zeros([256], tl.int32)
+        x_next = _load_row(base, cols, V)  # unused (removed) without PREFETCH
         for start in range(0, V, BLOCK):
             idx = start + cols
-            key = _ordered_key(_load_row(base, idx, V), KEY_SHIFT)
+            if PREFETCH:  # the next block's load is in flight while this block is processed
+                x = x_next
+                x_next = _load_row(base, idx + BLOCK, V)
+            else:
+                x = _load_row(base, idx, V)
+            key = _ordered_key(x, KEY_SHIFT)
             match = (idx < V) & ((key & high) == prefix)
             counts += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
         best, above = _digit_select(counts, digits, above, k)
@@ -183,7 +189,7 @@ def _kth_largest_key(base, V, k, BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr):
 
 @triton.jit
 def _top_p_key(base, V, m, inv_t, k_key, lo, hi, s0, top_p,
-               BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr):
+               BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr, PREFETCH: tl.constexpr):
     """The largest key t with mass(key >= t, within top-k) >= top_p * mass(top-k), capped at hi.
 
     Searched only in [lo, hi]: if the mass above lo is already below the target, any t <= lo
@@ -200,9 +206,14 @@ def _top_p_key(base, V, m, inv_t, k_key, lo, hi, s0, top_p,
         acc = tl.zeros([BLOCK, 16], tl.float32)
         total = tl.zeros([BLOCK], tl.float32)
         above_lo = tl.zeros([BLOCK], tl.float32)
+        x_next = _load_row(base, cols, V)
         for start in range(0, tl.where(active, V, 0), BLOCK):
             idx = start + cols
-            x = _load_row(base, idx, V)
+            if PREFETCH:  # the next block's load is in flight while this block is processed
+                x = x_next
+                x_next = _load_row(base, idx + BLOCK, V)
+            else:
+                x = _load_row(base, idx, V)
             key = _ordered_key(x, KEY_SHIFT)
             q = tl.exp((x - m) * inv_t)
             q = tl.where((idx < V) & (key >= k_key), q, 0.0)
@@ -242,7 +253,8 @@ def _plain_step(x, idx, h, inv_t, bx, be, bi, FAST: tl.constexpr):
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
                    offsets_ptr, out_ptr, V, row_stride,
-                   BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr, FAST: tl.constexpr):
+                   BLOCK: tl.constexpr, KEY_SHIFT: tl.constexpr, FAST: tl.constexpr,
+                   PREFETCH: tl.constexpr):
     """One program per row (large batches)."""
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * row_stride
@@ -258,17 +270,27 @@ def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
     bx = tl.full([BLOCK], float("-inf"), tl.float32)
     be = tl.full([BLOCK], 1.0, tl.float32)
     if plain:
+        x_next = _load_row(base, cols, V)
         for start in range(0, V, BLOCK):
             idx = start + cols
-            x = _load_row(base, idx, V)
+            if PREFETCH:  # the next block's load is in flight while this block is processed
+                x = x_next
+                x_next = _load_row(base, idx + BLOCK, V)
+            else:
+                x = _load_row(base, idx, V)
             gt = x > mx
             mi = tl.where(gt, idx, mi)
             mx = tl.where(gt, x, mx)
             bx, be, bi = _plain_step(x, idx, h, inv_t, bx, be, bi, FAST)
     else:
+        x_next = _load_row(base, cols, V)
         for start in range(0, V, BLOCK):
             idx = start + cols
-            x = _load_row(base, idx, V)
+            if PREFETCH:  # the next block's load is in flight while this block is processed
+                x = x_next
+                x_next = _load_row(base, idx + BLOCK, V)
+            else:
+                x = _load_row(base, idx, V)
             gt = x > mx
             mi = tl.where(gt, idx, mi)
             mx = tl.where(gt, x, mx)
@@ -282,15 +304,20 @@ def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
     elif sampled:
         k_key = tl.full([], 0, tl.uint32)  # key 0 keeps every logit, -inf included
         if k_on:
-            k_key = _kth_largest_key(base, V, k, BLOCK, KEY_SHIFT)
+            k_key = _kth_largest_key(base, V, k, BLOCK, KEY_SHIFT, PREFETCH)
         p_key = tl.full([], 0, tl.uint32)
         if p_on:
             lo, hi, s0 = _top_p_range(m, k_key, min_p, temperature, m_on, KEY_SHIFT)
-            p_key = _top_p_key(base, V, m, inv_t, k_key, lo, hi, s0, top_p, BLOCK, KEY_SHIFT)
+            p_key = _top_p_key(base, V, m, inv_t, k_key, lo, hi, s0, top_p, BLOCK, KEY_SHIFT, PREFETCH)
         bq = tl.zeros([BLOCK], tl.float32)
+        x_next = _load_row(base, cols, V)
         for start in range(0, V, BLOCK):
             idx = start + cols
-            x = _load_row(base, idx, V)
+            if PREFETCH:  # the next block's load is in flight while this block is processed
+                x = x_next
+                x_next = _load_row(base, idx + BLOCK, V)
+            else:
+                x = _load_row(base, idx, V)
             key = _ordered_key(x, KEY_SHIFT)
             thr = (idx < V) & (key >= k_key) & (key >= p_key)
             bq, be, bi = _race_step(x, idx, h, m, inv_t, thr, min_p, bq, be, bi, FAST)

@@ -277,8 +277,9 @@ def use_split(B: int, V: int) -> bool:
 
 
 def launch(logits, temperature, top_k, top_p, min_p, seeds, offsets, out, *, path=None, block=None,
-           num_warps=None, chunk=None):
-    """Launch with an explicit path ("row" or "split") and tile (tests, benchmarks)."""
+           num_warps=None, chunk=None, prefetch=True):
+    """Launch with an explicit path ("row" or "split") and tile (tests, benchmarks); ``prefetch``:
+    the row path issues the next block's load before working on the current one."""
     B, V = logits.shape
     if B == 0:
         return
@@ -288,7 +289,7 @@ def launch(logits, temperature, top_k, top_p, min_p, seeds, offsets, out, *, pat
         block = block or max(16, min(BLOCK_MAX, triton.next_power_of_2(V)))
         _sample_kernel[(B,)](logits, temperature, top_k, top_p, min_p, seeds, offsets, out, V,
                              logits.stride(0), BLOCK=block, KEY_SHIFT=shift, FAST=_fast_math(),
-                             num_warps=num_warps or NUM_WARPS)
+                             PREFETCH=prefetch, num_warps=num_warps or NUM_WARPS)
         return
     block, chunk, nsplit = split_plan(B, V, block, chunk)
     key_bits = 32 - shift
@@ -322,8 +323,9 @@ def compile_targets() -> list[tuple]:
                   "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64",
                   "offsets_ptr": "*i64"}
         row_sig = {**common, "out_ptr": "*i64", "V": "i32", "row_stride": "i64",
-                   "BLOCK": "constexpr", "KEY_SHIFT": "constexpr", "FAST": "constexpr"}
-        targets.append((_sample_kernel, row_sig, {"BLOCK": BLOCK_MAX, "KEY_SHIFT": shift, "FAST": True},
+                   "BLOCK": "constexpr", "KEY_SHIFT": "constexpr", "FAST": "constexpr", "PREFETCH": "constexpr"}
+        targets.append((_sample_kernel, row_sig,
+                        {"BLOCK": BLOCK_MAX, "KEY_SHIFT": shift, "FAST": True, "PREFETCH": True},
                         {"num_warps": NUM_WARPS}))
         split_sig = {**common, "wsf_ptr": "*fp32", "wsi_ptr": "*i32", "hist_ptr": "*i32",
                      "pmass_ptr": "*fp32", "V": "i32", "row_stride": "i64", "nsplit": "i32",
