@@ -224,3 +224,16 @@ def test_top_p_search_range_and_early_stop(registry, dtype):
     call = SPEC.bind({**args, "out": out})
     assert SPEC.compare("out", out, ref, call) is None
     assert (out == ref).float().mean() > 0.9
+
+
+@needs_interpreter
+def test_row_path_prefetch_changes_nothing():
+    """The row path's prefetched loads (default) and plain loads pick the same tokens."""
+    case = dict(B=4, V=700, dtype=torch.bfloat16, mode="filters")
+    call = SPEC.bind(SPEC.make_inputs(case, torch.Generator().manual_seed(11), "cpu"))
+    outs = []
+    for prefetch in (True, False):
+        out = torch.full((case["B"],), -7, dtype=torch.int64)
+        kernel.launch(**{**call.kwargs(), "out": out}, path="row", block=64, prefetch=prefetch)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and (outs[0] >= 0).all()

@@ -25,8 +25,9 @@ Two paths, chosen from the static shape (B, V) only, so a captured graph never c
   adds integer histograms atomically (exact, so order-independent); the next pass's programs each
   replay the row's decisions from those partials (a few hundred values), so no pass needs a
   separate reduction launch. ``_split_finish_kernel`` (one program per row) merges the winners.
-  Launches: 2 + 1 memset for plain/greedy-only work plus the filter passes, whose programs return
-  at once for rows that do not need them (bf16: 2 top-k + 4 top-p + 1 race).
+  Launches per call: a memset (histograms), step 0 (max, plain race, top-k digit 0), the other
+  top-k digits, the top-p stages, the race, the finish: 9 for bf16 (12 fp16, 15 fp32), all of them
+  every call (no host decision); programs whose row needs no such pass return after 4 scalar loads.
 """
 
 from __future__ import annotations
