@@ -24,6 +24,7 @@ from tokenspeed_core.bench import time_calls  # noqa: E402
 
 ROWS = [(1, 1, 16, 16384), (1, 1, 16, 65536), (1, 1, 128, 16384), (1, 1, 128, 65536), (1, 4, 16, 65536)]
 SPLITS = (16, 32, 48, 66, 88, 132, 176, 264)
+OTHER_VARIANTS = ("v3",)  # timed beside the default
 
 
 def kernel_times(fn, iters=10):
@@ -65,10 +66,15 @@ def main():
         row["triton_us"] = round(time_calls([lambda: triton.fn(**a)], device, cuda_graph=True).median_us, 1)
         ref_out = a["out"].clone()
         m_blocks = -(-h * ql // 64)
-        row["rule_splits"] = cm.num_splits_v2(b, m_blocks, a["page_table"].shape[1] * 64, 132, 64)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        row["rule_splits"] = cm.num_splits_one_wave(b, m_blocks, a["page_table"].shape[1] * 64, sms, 64)
         row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
         row["max_diff_vs_triton"] = round(float((a["out"].float() - ref_out.float()).abs().max()), 4)
         row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
+        for v in OTHER_VARIANTS:
+            row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
+                                              cuda_graph=True).median_us, 1)
+            row[f"{v}_kernels"] = kernel_times(lambda: cm.mla_decode(**a, variant=v))
         for sp in SPLITS:
             t = time_calls([lambda: cm.mla_decode(**a, num_kv_splits=sp)], device, cuda_graph=True).median_us
             row[f"splits_{sp}_us"] = round(t, 1)
@@ -77,8 +83,22 @@ def main():
         log(json.dumps(row))
         del a
         torch.cuda.empty_cache()
+    fp8_rows = []
+    for qdt in (torch.bfloat16, torch.float16):  # e4m3 -> f16 is one cvt per pair; -> bf16 goes via f32
+        for cache_dtype in (qdt, torch.float8_e4m3fn):
+            case = dict(B=64, q_len=1, H=16, seqlen=16384, page_size=64, dtype=qdt, cache_dtype=cache_dtype)
+            a = bench_inputs(case, device)
+            row = dict(q=str(qdt), cache=str(cache_dtype))
+            for v in (cm.DEFAULT_VARIANT,) + OTHER_VARIANTS:
+                row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
+                                                  cuda_graph=True).median_us, 1)
+            row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
+            fp8_rows.append(row)
+            log(json.dumps(row))
+            del a
+            torch.cuda.empty_cache()
     with open(os.path.join(args.out, "latency.json"), "w") as f:
-        json.dump({"ceilings": ceil.__dict__, "rows": results}, f, indent=1)
+        json.dump({"ceilings": ceil.__dict__, "rows": results, "fp8_rows": fp8_rows}, f, indent=1)
     print(f"{torch.cuda.get_device_name(0)} (µs, CUDA-graph replay, L2 flushed)")
     print("| B | q | H | s_k | triton | cute (rule splits) | " + " | ".join(f"s={s}" for s in SPLITS) + " |")
     for r in results:
@@ -86,6 +106,11 @@ def main():
               f"({r['rule_splits']}) | " + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
     for r in results:
         print(r["H"], r["s_k"], r["q_len"], "kernels:", r["kernels"], "| at 32 splits:", r["kernels_splits_32"])
+        for v in OTHER_VARIANTS:
+            print("   ", v, r[f"{v}_us"], "µs", r[f"{v}_kernels"])
+    print("B=64 q_len=1 H=16 s_k=16384 (µs):")
+    for r in fp8_rows:
+        print("  ", r)
 
 
 if __name__ == "__main__":

@@ -83,16 +83,17 @@ def _supports(sig) -> str | None:
 # thread instead of one dependent load per split: b = 1 runs ~120 splits).
 # "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py).
 # "v4" = v3, except where H x q_len <= 32: there the KV rows are the MMA's M axis and the query
-# rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
+# rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py). The default.
 VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
             "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8),
             "v3": dict(block_n=64, stages=2, combine_unroll=8),
             "v4": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
-# import). Every wgmma variant passed the conformance kit's full grid on hardware (46 pass, 27
-# skipped by `supports`, graph replay == eager): v2 on an H200, v2_n64 / v2_n64_c8 / v3 on an
-# H100 (docs/perf/cute.md, run 3). v3 is the fastest of them on all 24 rows of that run.
-DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v3")
+# import). Every wgmma variant passed the conformance kit's full grid on hardware (bf16/fp16; v3
+# and v4 also the fp8 cache; graph replay == eager): v2 on an H200, v2_n64 / v2_n64_c8 / v3 on an
+# H100, v3 / v4 on an H200 (docs/perf/cute.md, runs 3-5). v4 = v3 where H x q_len > 32, and
+# 1.17-1.21x faster than v3 where it is not (run 5).
+DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v4")
 # Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
 # every row of its class (None: nowhere). v3 and v2_n64_c8 beat Triton on all 24 rows of run 3
 # (H100: memory-bound 1.22-1.25x, b = 1 1.07-1.44x, compute-bound 1.6-2.1x); v2 and v2_n64 lost
@@ -326,7 +327,8 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 
 
 # -- registration --------------------------------------------------------------------------------
-_KERNEL_DESC = {"v1": "mma.sync + cp.async", "v3": "wgmma, one S per CTA, 2-stage cp.async"}
+_KERNEL_DESC = {"v1": "mma.sync + cp.async", "v3": "wgmma, one S per CTA, 2-stage cp.async",
+                "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
     f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")

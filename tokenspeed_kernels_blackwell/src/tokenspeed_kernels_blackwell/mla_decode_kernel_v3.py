@@ -170,10 +170,6 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         t_end = cutlass.min(t_begin + per_split, n_tiles)
         row0 = m_block * BLOCK_M
 
-        # let the combine (a programmatic dependent launch) be scheduled as soon as every CTA of
-        # this grid has started: it waits for this grid's end itself (griddepcontrol.wait), and
-        # by then every split CTA is resident, so it can only take SMs that split CTAs have left
-        cute.arch.griddepcontrol_launch_dependents()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
@@ -298,6 +294,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             _wgmma(mma_pv, acc_O, tOrP, tOrV, False)
 
         cute.arch.cp_async_wait_group(0)
+        # The combine (a programmatic dependent launch) may now be scheduled: it waits for this
+        # grid's end itself (griddepcontrol.wait). Not at the start: at b = 1 the combine's CTAs
+        # then crowd onto the few SMs no split CTA fits beside (v3: +4-8 µs on an H200, run 5).
+        cute.arch.griddepcontrol_launch_dependents()
 
         # ---- epilogue: add the two warpgroups' partial row sums, normalise, write ----
         cute.arch.sync_threads()
