@@ -294,10 +294,11 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             _wgmma(mma_pv, acc_O, tOrP, tOrV, False)
 
         cute.arch.cp_async_wait_group(0)
-        # The combine (a programmatic dependent launch) may now be scheduled: it waits for this
-        # grid's end itself (griddepcontrol.wait). Not at the start: at b = 1 the combine's CTAs
-        # then crowd onto the few SMs no split CTA fits beside (v3: +4-8 µs on an H200, run 5).
-        cute.arch.griddepcontrol_launch_dependents()
+        # No griddepcontrol.launch_dependents here (unlike v4): a split CTA of this kernel leaves
+        # no room on its SM for a combine CTA, so an early trigger puts all the combine's CTAs
+        # on the few SMs without a split CTA, where they wait and then run crowded (+4-8 µs
+        # at b = 1 on an H200, docs/perf/cute.md run 5). Untriggered, the combine is launched
+        # when this grid ends, as without PDL.
 
         # ---- epilogue: add the two warpgroups' partial row sums, normalise, write ----
         cute.arch.sync_threads()
