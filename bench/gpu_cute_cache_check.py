@@ -74,6 +74,7 @@ def run_with(cm, fn, a):
     """out, lse of cm.mla_decode launching ``fn`` (the launcher's own code: splits, buffers)."""
     real = cm.compile_kernel
     cm.compile_kernel = lambda *args, **kw: fn
+    cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
     try:
         a["out"].fill_(float("nan"))
         a["lse"].fill_(float("nan"))
@@ -81,6 +82,7 @@ def run_with(cm, fn, a):
         torch.cuda.synchronize()
     finally:
         cm.compile_kernel = real
+        cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
     return a["out"].clone(), a["lse"].clone()
 
 
@@ -173,6 +175,7 @@ def child(mode, cache_dir):
     a = make_inputs(CASES[0][1], seed=100)
     real = cm.compile_kernel
     cm.compile_kernel = lambda *args, **kw: fn
+    cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
     try:
         cm.mla_decode(**a, variant=VARIANT)  # warm-up outside the capture
         torch.cuda.synchronize()
@@ -187,11 +190,13 @@ def child(mode, cache_dir):
         out_g, lse_g = a["out"].clone(), a["lse"].clone()
     finally:
         cm.compile_kernel = real
+        cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
     out_e, lse_e = run_with(cm, fn, a)
     res["checks"]["graph replay == eager (bits)"] = bits_equal(out_g, out_e) and bits_equal(lse_g, lse_e)
     # host time per eager call, loaded vs fresh (both TVM-FFI launches)
     for name, f in (("loaded", fn), ("fresh", fresh)):
         cm.compile_kernel = lambda *args, _f=f, **kw: _f
+        cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
         try:
             for _ in range(20):
                 cm.mla_decode(**a, variant=VARIANT)
@@ -203,6 +208,7 @@ def child(mode, cache_dir):
             torch.cuda.synchronize()
         finally:
             cm.compile_kernel = real
+            cm._launch_plan.cache_clear()  # plans hold the kernel they were made with
         res[f"host_us_per_call_{name}"] = round(host * 1e6, 1)
     return res
 
