@@ -75,8 +75,7 @@ def host_overheads(reg, device):
     lse_part = torch.empty((1, splits, m), dtype=torch.float32, device=device)
     args = (a["q"].view(1, m, 576), a["kv_cache"].view(-1, 576), a["page_table"], a["cache_seqlens"], o_part,
             lse_part, a["out"].view(1, m, 512), a["lse"].view(1, m),
-            softmax_scale_log2(a["softmax_scale"], 1.0), 1.0,
-            cm._cuda_stream(torch.cuda.current_stream().cuda_stream))
+            softmax_scale_log2(a["softmax_scale"], 1.0), 1.0)
     res["tvm-ffi call"] = host_us(lambda: fn(*args))
     res["2 x torch.empty"] = host_us(lambda: (torch.empty((1, splits, m, 512), dtype=torch.float32, device=device),
                                               torch.empty((1, splits, m), dtype=torch.float32, device=device)))

@@ -172,7 +172,9 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         fake(cutlass.Float32, (batch, m), 4),
         cutlass.Float32(1.0),
         cutlass.Float32(1.0),
-        make_fake_stream(),
+        # no stream argument at call time: TVM-FFI launches on the caller's current stream (torch's,
+        # the capturing one under CUDA-graph capture), with no stream query in Python
+        make_fake_stream(use_tvm_ffi_env_stream=True),
     )
     if variant == SM100_VARIANT:
         from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
@@ -324,24 +326,11 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         lse_c.view(batch, m),
         softmax_scale_log2(softmax_scale, kv_scale),
         float(kv_scale),
-        _cuda_stream(torch.cuda.current_stream(dev).cuda_stream),
     )
     if out_c is not out:
         out.copy_(out_c)
     if lse_c is not lse:
         lse.copy_(lse_c)
-
-
-def _cuda_stream(handle: int):
-    global _CUstream
-    if _CUstream is None:
-        from cuda.bindings.driver import CUstream
-
-        _CUstream = CUstream
-    return _CUstream(handle)
-
-
-_CUstream = None
 
 
 # -- registration --------------------------------------------------------------------------------
