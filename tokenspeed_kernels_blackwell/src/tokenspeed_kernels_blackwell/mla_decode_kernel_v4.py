@@ -16,8 +16,11 @@ slower than a 16-bit one (docs/perf/cute.md, run 4). Here (docs/cute.md, "v4"):
 - One warpgroup per CTA (128 threads, 64-80 fp32 accumulator registers), one CTA per SM: Q
   (18-36 KB) + a 2-slot ring of 72 KB tiles; per tile the MMAs read ~160 KB of smem (~0.6 µs),
   well under the tile's load time, so the loads stay the limit.
-- fp8 e4m3 cache: a 3-slot fp8 staging ring (two tiles in flight) and one 16-bit tile that all
-  threads convert each staged tile into, as in v3.
+- fp8 e4m3 cache: register-staged. Each thread loads its 288 bytes of the *next* tile from
+  global memory into registers (16-byte loads) before the MMAs of the current tile, so the loads
+  fly under them; at the top of the next iteration it converts them (e4m3 pairs -> 16-bit) and
+  stores them into the one 16-bit tile the MMAs read. No fp8 smem staging and no smem re-read
+  (v3's staging ring + convert-in-smem made an fp8 cache 1.3-1.5x slower than a 16-bit one).
 """
 
 from __future__ import annotations
@@ -61,8 +64,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         self.N = 16 if self.M <= 16 else 32
         self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.kv_fp8 = self.kv_dtype.width == 8
-        self.kv_slots = 1 if self.kv_fp8 else 2  # 16-bit tiles in smem
-        self.stages = 3 if self.kv_fp8 else 2  # load ring depth (fp8: staging slots)
+        self.kv_slots = 1 if self.kv_fp8 else 2  # 16-bit tiles in smem (fp8: staged in registers)
 
     @cute.jit
     def __call__(
@@ -89,14 +91,11 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, BN), (1, 0))
         # P^T: the B operand of O^T += V^T P^T, (N query rows, BN keys), K-major like Q
         sP_layout = cute.tile_to_shape(k_atom, (N, BN), (0, 1))
-        stage_shape = (BN, self.D, self.stages) if self.kv_fp8 else (1, 16, 1)
-        sStage_layout = cute.make_layout(stage_shape, stride=(stage_shape[1], 1, stage_shape[0] * stage_shape[1]))
 
         @cute.struct
         class SharedStorage:
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
-            sStage: cute.struct.Align[cute.struct.MemRange[self.kv_dtype, cute.cosize(sStage_layout)], 128]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
             # per warp and query row: the tile's column maximum, at the end the partial sum
             sCol: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 4 * MAX_ROWS_V4], 16]
@@ -107,14 +106,12 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         )
         thr_layout = cute.make_layout((NUM_THREADS_V4 // 8, 8), stride=(8, 1))
         g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
-        kv_copy, cvt_copy = g2s_copy, g2s_copy
+        kv_copy = g2s_copy
         if cutlass.const_expr(self.kv_fp8):
-            kv_atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
-                                          self.kv_dtype, num_bits_per_copy=copy_bits)
+            # global -> registers, 16 fp8 per load; 4 threads cover 64 columns: 2 x 9 loads each
+            kv_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.kv_dtype, num_bits_per_copy=copy_bits)
             kv_copy = cute.make_tiled_copy_tv(kv_atom, cute.make_layout((NUM_THREADS_V4 // 4, 4), stride=(4, 1)),
                                               cute.make_layout((1, copy_bits // self.kv_dtype.width)))
-            cvt_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=copy_bits)
-            cvt_copy = cute.make_tiled_copy_tv(cvt_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
 
         # S^T = K Q^T: A = KV tile (K-major), B = Q (K-major)
         mma_s = sm90_utils.make_trivial_tiled_mma(
@@ -129,8 +126,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         num_splits = mOPart.shape[1]
         self.attention_kernel_v4(
             mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, sP_layout, sStage_layout, g2s_copy, kv_copy, cvt_copy,
-            mma_s, mma_o, SharedStorage,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, kv_copy, mma_s, mma_o, SharedStorage,
         ).launch(
             grid=[1, num_splits, batch],
             block=[NUM_THREADS_V4, 1, 1],
@@ -153,16 +149,14 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
         sP_layout: cute.ComposedLayout,
-        sStage_layout: cute.Layout,
         g2s_copy: cute.TiledCopy,
         kv_copy: cute.TiledCopy,
-        cvt_copy: cute.TiledCopy,
         mma_s: cute.TiledMma,
         mma_o: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
     ):
         BN, N = self.block_n, self.N
-        STAGES = self.stages
+        STAGES = self.stages  # the cp.async ring of a 16-bit cache
         tidx, _, _ = cute.arch.thread_idx()
         _, split, b = cute.arch.block_idx()
         num_splits = cute.arch.grid_dim()[1]
@@ -182,8 +176,6 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         # the same P^T smem seen as (keys, query rows): where the S^T-shaped accumulator goes
         sP_kn = storage.sP.get_tensor(cute.select(sP_layout.outer, mode=[1, 0]), swizzle=sP_layout.inner)
-        sStage = storage.sStage.get_tensor(sStage_layout)
-        sLoad = sStage if cutlass.const_expr(self.kv_fp8) else sKV
         sCol = storage.sCol.get_tensor(cute.make_layout((4, MAX_ROWS_V4), stride=(MAX_ROWS_V4, 1)))
 
         # ---- Q (rows past M zero-filled), then the first STAGES - 1 KV tiles ----
@@ -199,11 +191,17 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                 tQsQ[None, r, None].fill(0)
         thr_kv = kv_copy.get_slice(tidx)
         tKVc = thr_kv.partition_S(cute.make_identity_tensor((BN, self.D)))
-        for s in cutlass.range_constexpr(STAGES - 1):
-            if t_begin + s < t_end:
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sLoad, thr_kv, kv_copy, tKVc)
-            cute.arch.cp_async_commit_group()
-        thr_cvt = cvt_copy.get_slice(tidx)
+        rKV = cute.make_rmem_tensor(tKVc.shape, self.kv_dtype)  # fp8: the next tile, in registers
+        tKVs = thr_kv.partition_D(sKV[None, None, 0])  # fp8: where a thread's converted part goes
+        if cutlass.const_expr(self.kv_fp8):
+            cute.arch.cp_async_commit_group()  # Q
+            # the first tile, or (empty split) any valid one: the loads are unconditional
+            self.load_kv_tile_regs(mKV, mPageTable, b, t_begin if t_begin < t_end else 0, rKV, thr_kv, kv_copy)
+        else:
+            for s in cutlass.range_constexpr(STAGES - 1):
+                if t_begin + s < t_end:
+                    self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sKV, thr_kv, kv_copy, tKVc)
+                cute.arch.cp_async_commit_group()
 
         # ---- fragments ----
         thr_s = mma_s.get_slice(tidx)
@@ -229,27 +227,36 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             col_limit[c] = n - self.Q + cutlass.min(q, self.M - 1) // self.H
 
         for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
-            stage = (tile - t_begin) % STAGES
-            cute.arch.cp_async_wait_group(STAGES - 2)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            # also: every warp is done with the previous tile's sCol, sP and KV slot
-            cute.arch.sync_threads()
-            nxt = tile + STAGES - 1
-            if nxt < t_end:
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sLoad, thr_kv,
-                                     kv_copy, tKVc)
-            cute.arch.cp_async_commit_group()
-
-            kv_slot = stage
+            kv_slot = 0
             if cutlass.const_expr(self.kv_fp8):
-                src = thr_cvt.partition_S(sStage[None, None, stage])
-                dst = thr_cvt.partition_D(sKV[None, None, 0])
-                for i in cutlass.range_constexpr(cute.size(src.shape[1])):
-                    for j in cutlass.range_constexpr(cute.size(src.shape[2])):
-                        dst[None, i, j].store(src[None, i, j].load().to(self.dtype))
+                cute.arch.cp_async_wait_group(0)  # Q (first tile)
+                # every warp is done with the previous tile's sCol, sP and the 16-bit tile
+                cute.arch.sync_threads()
+                # this tile: registers -> 16-bit -> smem; rows past n as zeros (a stale cache may
+                # hold NaN encodings, and 0 x NaN = NaN)
+                pos0 = tile * BN
+                for r in cutlass.range_constexpr(cute.size(tKVs.shape[1])):
+                    if pos0 + tKVc[0, r, 0][0] < n:
+                        for c in cutlass.range_constexpr(cute.size(tKVs.shape[2])):
+                            tKVs[None, r, c].store(rKV[None, r, c].load().to(self.dtype))
+                    else:
+                        tKVs[None, r, None].fill(0)
+                # the next tile's loads fly under this tile's MMAs (the last tile reloads itself)
+                self.load_kv_tile_regs(mKV, mPageTable, b, cutlass.min(tile + 1, t_end - 1), rKV, thr_kv, kv_copy)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.sync_threads()
-                kv_slot = 0
+            else:
+                stage = (tile - t_begin) % STAGES
+                cute.arch.cp_async_wait_group(STAGES - 2)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                # also: every warp is done with the previous tile's sCol, sP and KV slot
+                cute.arch.sync_threads()
+                nxt = tile + STAGES - 1
+                if nxt < t_end:
+                    self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sKV, thr_kv,
+                                         kv_copy, tKVc)
+                cute.arch.cp_async_commit_group()
+                kv_slot = stage
             sK = sKV[None, None, kv_slot]
 
             # ---- S^T = K Q^T ----
@@ -334,6 +341,22 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             q = cO[i][1]
             if q < self.M:
                 mOPart[b, split, q, cO[i][0]] = acc_O[i]
+
+
+    @cute.jit
+    def load_kv_tile_regs(self, mKV, mPageTable, b, tile, rKV, thr_kv, kv_copy):
+        """Global -> register loads of this thread's part of KV tile ``tile`` (64 rows inside one
+        page, all within the page's allocation; rows past the request's length are loaded too and
+        zeroed when stored to smem)."""
+        BN = self.block_n
+        pos0 = tile * BN
+        page = cutlass.Int64(mPageTable[b, pos0 // self.page_size])
+        # clamped into the cache: the prologue of an empty request (length 0) loads "tile 0",
+        # whose table entry need not name a real page; its data is never used
+        page = cutlass.max(cutlass.min(page, mKV.shape[0] // self.page_size - 1), cutlass.Int64(0))
+        cache_row0 = page * self.page_size + pos0 % self.page_size
+        gKV = cute.local_tile(mKV, (BN, self.D), (cache_row0 // BN, 0))
+        cute.copy(kv_copy, thr_kv.partition_S(gKV), rKV)
 
 
 __all__ = ["MAX_ROWS_V4", "MlaDecodeSplitKVRowsOnM"]
