@@ -16,14 +16,11 @@ slower than a 16-bit one (docs/perf/cute.md, run 4). Here (docs/cute.md, "v4"):
 - One warpgroup per CTA (128 threads, 64-80 fp32 accumulator registers), one CTA per SM: Q
   (18-36 KB) + a 2-slot ring of 72 KB tiles; per tile the MMAs read ~160 KB of smem (~0.6 µs),
   well under the tile's load time, so the loads stay the limit.
-- fp8 e4m3 cache: a 3-slot fp8 cp.async ring (2-3 tiles in flight) feeding a register stage.
-  Each thread copies its 288 B of a tile into a ring slot and later reads back exactly the bytes
-  it copied (same thread -> element map), so the ring needs no barrier. At the top of iteration t
-  it converts tile t from registers (e4m3 pairs -> 16-bit) into the one 16-bit smem tile the MMAs
-  read, refills tile t's slot with tile t+3, and reads tile t+1 from its slot into registers (in
-  that order, so the registers of tile t+1 are not live while the copies are issued).
-  (v3's convert-in-smem made an fp8 cache 1.3-1.5x slower than a 16-bit one; register staging
-  alone, one tile in flight, made it as fast as a 16-bit one: docs/perf/cute.md, runs 5-6.)
+- fp8 e4m3 cache: register-staged. Each thread loads its 288 bytes of the *next* tile from
+  global memory into registers (16-byte loads) before the MMAs of the current tile, so the loads
+  fly under them; at the top of the next iteration it converts them (e4m3 pairs -> 16-bit) and
+  stores them into the one 16-bit tile the MMAs read. No fp8 smem staging and no smem re-read
+  (v3's staging ring + convert-in-smem made an fp8 cache 1.3-1.5x slower than a 16-bit one).
 """
 
 from __future__ import annotations
@@ -67,7 +64,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         self.N = 16 if self.M <= 16 else 32
         self.kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.kv_fp8 = self.kv_dtype.width == 8
-        self.kv_slots = 1 if self.kv_fp8 else 2  # 16-bit tiles in smem (fp8: one, fed from registers)
+        self.kv_slots = 1 if self.kv_fp8 else 2  # 16-bit tiles in smem (fp8: staged in registers)
 
     @cute.jit
     def __call__(
@@ -94,16 +91,12 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, BN), (1, 0))
         # P^T: the B operand of O^T += V^T P^T, (N query rows, BN keys), K-major like Q
         sP_layout = cute.tile_to_shape(k_atom, (N, BN), (0, 1))
-        # fp8: the cp.async ring (3 row-major slots); a 16-element placeholder for a 16-bit cache
-        ring_shape = (BN, self.D, 3) if self.kv_fp8 else (1, 16, 1)
-        sRing_layout = cute.make_layout(ring_shape, stride=(ring_shape[1], 1, ring_shape[0] * ring_shape[1]))
 
         @cute.struct
         class SharedStorage:
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
-            sRing: cute.struct.Align[cute.struct.MemRange[self.kv_dtype, cute.cosize(sRing_layout)], 128]
             # per warp and query row: the tile's column maximum, at the end the partial sum
             sCol: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 4 * MAX_ROWS_V4], 16]
 
@@ -115,9 +108,8 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
         kv_copy = g2s_copy
         if cutlass.const_expr(self.kv_fp8):
-            # global -> ring slot, 16 fp8 per cp.async; 4 threads cover 64 columns: 2 x 9 each
-            kv_atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
-                                          self.kv_dtype, num_bits_per_copy=copy_bits)
+            # global -> registers, 16 fp8 per load; 4 threads cover 64 columns: 2 x 9 loads each
+            kv_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.kv_dtype, num_bits_per_copy=copy_bits)
             kv_copy = cute.make_tiled_copy_tv(kv_atom, cute.make_layout((NUM_THREADS_V4 // 4, 4), stride=(4, 1)),
                                               cute.make_layout((1, copy_bits // self.kv_dtype.width)))
 
@@ -134,8 +126,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         num_splits = mOPart.shape[1]
         self.attention_kernel_v4(
             mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, sP_layout, sRing_layout, g2s_copy, kv_copy, mma_s, mma_o,
-            SharedStorage,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, kv_copy, mma_s, mma_o, SharedStorage,
         ).launch(
             grid=[1, num_splits, batch],
             block=[NUM_THREADS_V4, 1, 1],
@@ -158,7 +149,6 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
         sP_layout: cute.ComposedLayout,
-        sRing_layout: cute.Layout,
         g2s_copy: cute.TiledCopy,
         kv_copy: cute.TiledCopy,
         mma_s: cute.TiledMma,
@@ -187,7 +177,6 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         # the same P^T smem seen as (keys, query rows): where the S^T-shaped accumulator goes
         sP_kn = storage.sP.get_tensor(cute.select(sP_layout.outer, mode=[1, 0]), swizzle=sP_layout.inner)
         sCol = storage.sCol.get_tensor(cute.make_layout((4, MAX_ROWS_V4), stride=(MAX_ROWS_V4, 1)))
-        sRing = storage.sRing.get_tensor(sRing_layout)
 
         # ---- Q (rows past M zero-filled), then the first STAGES - 1 KV tiles ----
         thr_g2s = g2s_copy.get_slice(tidx)
@@ -202,23 +191,12 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                 tQsQ[None, r, None].fill(0)
         thr_kv = kv_copy.get_slice(tidx)
         tKVc = thr_kv.partition_S(cute.make_identity_tensor((BN, self.D)))
-        rKV = cute.make_rmem_tensor(tKVc.shape, self.kv_dtype)  # fp8: the current tile, in registers
-        # fp8: ring slot -> registers, 16 B per load (a copy atom, not a tensor load/store pair,
-        # keeps the 288 bytes as 72 packed registers)
-        lds_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.kv_dtype, num_bits_per_copy=128)
+        rKV = cute.make_rmem_tensor(tKVc.shape, self.kv_dtype)  # fp8: the next tile, in registers
         tKVs = thr_kv.partition_D(sKV[None, None, 0])  # fp8: where a thread's converted part goes
         if cutlass.const_expr(self.kv_fp8):
             cute.arch.cp_async_commit_group()  # Q
-            # tiles t_begin .. t_begin + 2 into the ring (past the split's end: its last tile
-            # again, so every iteration waits on the same group count), then t_begin into
-            # registers. An empty split loads nothing.
-            for s in cutlass.range_constexpr(3):
-                if t_begin < t_end:
-                    self.load_kv_tile_v2(mKV, mPageTable, b, n, cutlass.min(t_begin + s, t_end - 1), s, sRing,
-                                         thr_kv, kv_copy, tKVc)
-                cute.arch.cp_async_commit_group()
-            cute.arch.cp_async_wait_group(2)  # Q and t_begin have landed (this thread's part)
-            cute.copy(lds_atom, thr_kv.partition_D(sRing[None, None, 0]), rKV)
+            # the first tile, or (empty split) any valid one: the loads are unconditional
+            self.load_kv_tile_regs(mKV, mPageTable, b, t_begin if t_begin < t_end else 0, rKV, thr_kv, kv_copy)
         else:
             for s in cutlass.range_constexpr(STAGES - 1):
                 if t_begin + s < t_end:
@@ -251,21 +229,20 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
             kv_slot = 0
             if cutlass.const_expr(self.kv_fp8):
+                cute.arch.cp_async_wait_group(0)  # Q (first tile)
                 # every warp is done with the previous tile's sCol, sP and the 16-bit tile
                 cute.arch.sync_threads()
-                # tile t: registers -> 16-bit -> smem (rows past n were zero-filled by the loader)
+                # this tile: registers -> 16-bit -> smem; rows past n as zeros (a stale cache may
+                # hold NaN encodings, and 0 x NaN = NaN)
+                pos0 = tile * BN
                 for r in cutlass.range_constexpr(cute.size(tKVs.shape[1])):
-                    for c in cutlass.range_constexpr(cute.size(tKVs.shape[2])):
-                        tKVs[None, r, c].store(rKV[None, r, c].load().to(self.dtype))
-                # tile t's slot (read into registers last iteration) takes tile t + 3; then tile
-                # t + 1 from its slot into registers (this thread's own copies: no barrier). Two
-                # tiles stay in flight under the MMAs.
-                i = tile - t_begin
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, cutlass.min(tile + 3, t_end - 1), i % 3, sRing, thr_kv,
-                                     kv_copy, tKVc)
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(2)
-                cute.copy(lds_atom, thr_kv.partition_D(sRing[None, None, (i + 1) % 3]), rKV)
+                    if pos0 + tKVc[0, r, 0][0] < n:
+                        for c in cutlass.range_constexpr(cute.size(tKVs.shape[2])):
+                            tKVs[None, r, c].store(rKV[None, r, c].load().to(self.dtype))
+                    else:
+                        tKVs[None, r, None].fill(0)
+                # the next tile's loads fly under this tile's MMAs (the last tile reloads itself)
+                self.load_kv_tile_regs(mKV, mPageTable, b, cutlass.min(tile + 1, t_end - 1), rKV, thr_kv, kv_copy)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.sync_threads()
             else:
@@ -364,6 +341,22 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             q = cO[i][1]
             if q < self.M:
                 mOPart[b, split, q, cO[i][0]] = acc_O[i]
+
+
+    @cute.jit
+    def load_kv_tile_regs(self, mKV, mPageTable, b, tile, rKV, thr_kv, kv_copy):
+        """Global -> register loads of this thread's part of KV tile ``tile`` (64 rows inside one
+        page, all within the page's allocation; rows past the request's length are loaded too and
+        zeroed when stored to smem)."""
+        BN = self.block_n
+        pos0 = tile * BN
+        page = cutlass.Int64(mPageTable[b, pos0 // self.page_size])
+        # clamped into the cache: the prologue of an empty request (length 0) loads "tile 0",
+        # whose table entry need not name a real page; its data is never used
+        page = cutlass.max(cutlass.min(page, mKV.shape[0] // self.page_size - 1), cutlass.Int64(0))
+        cache_row0 = page * self.page_size + pos0 % self.page_size
+        gKV = cute.local_tile(mKV, (BN, self.D), (cache_row0 // BN, 0))
+        cute.copy(kv_copy, thr_kv.partition_S(gKV), rKV)
 
 
 __all__ = ["MAX_ROWS_V4", "MlaDecodeSplitKVRowsOnM"]
