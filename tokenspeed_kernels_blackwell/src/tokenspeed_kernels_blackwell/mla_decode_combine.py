@@ -121,22 +121,28 @@ class SplitKVCombine:
             total = total + sRed[w]
 
         # ---- this warp's splits: weighted sum of 4 adjacent columns per lane ----
-        # Blocks of `unroll` splits per warp with no branch inside a block (a split past the end
-        # re-reads the last one with weight 0), so all their loads are in flight at once. An
-        # unrolled loop with a dynamic trip count branches out after every split instead, and
-        # each load then waits for the one before it (8.5 µs at 128 splits on an H200).
+        # Whole blocks of `unroll` splits per warp first, with no branch inside a block, so all
+        # their loads are in flight at once (an unrolled loop with a dynamic trip count branches
+        # out after every split instead, and each load waits for the one before it: 8.5 µs at
+        # 128 splits on an H200); then the remaining < 4 x unroll splits one by one. (Padding
+        # the last block with re-reads of the last split instead cost large batches with 1-2
+        # splits 8% of the whole decode: 8 loads per lane for 1 split.)
         unroll = self.combine_unroll
+        step = COMBINE_WARPS * unroll
+        full = (num_splits // step) * step
         col0 = chunk * COMBINE_COLS + lane * 4
         acc = cute.make_rmem_tensor((4,), cutlass.Float32)
         acc.fill(0.0)
-        for s0 in cutlass.range(0, num_splits, COMBINE_WARPS * unroll, unroll=1):
+        for s0 in cutlass.range(0, full, step, unroll=1):
             for u in cutlass.range_constexpr(unroll):
                 s = s0 + u * COMBINE_WARPS + warp
-                s_in = cutlass.min(s, num_splits - 1)
-                w = sW[s_in]
-                w = w if s < num_splits else cutlass.Float32(0.0)
+                w = sW[s]
                 for j in cutlass.range_constexpr(4):
-                    acc[j] = acc[j] + w * mOPart[b, s_in, m, col0 + j]
+                    acc[j] = acc[j] + w * mOPart[b, s, m, col0 + j]
+        for s in cutlass.range(full + warp, num_splits, COMBINE_WARPS, unroll=1):
+            w = sW[s]
+            for j in cutlass.range_constexpr(4):
+                acc[j] = acc[j] + w * mOPart[b, s, m, col0 + j]
         for j in cutlass.range_constexpr(4):
             sPart[warp, lane * 4 + j] = acc[j]
         cute.arch.sync_threads()
