@@ -2,10 +2,10 @@
 benchmark side by side with the Triton kernel and the copy/GEMM ceilings measured in the same run.
 
     source .device/setup.sh && PYTHONUNBUFFERED=1 python bench/gpu_cute_mla_decode.py --out $OUT \
-        --check cute_v2 --backends triton,cute,cute_v2,cute_v2_n64 --presets memory,compute,latency
+        --check cute --backends triton,cute,cute_v3 --presets memory,compute,latency,spec,fp8
 
 Kernel variants (tokenspeed_kernels_blackwell.mla_decode.VARIANTS) other than the registered one
-are registered here by hand as backends ``cute_<variant>`` (e.g. cute_v2), below every other band.
+are registered here by hand as backends ``cute_<variant>`` (e.g. cute_v3), below every other band.
 
 Works without installing the project: registers the reference, Triton and CuTe plugins by hand.
 Bench inputs are generated on the GPU (the spec's make_inputs builds caches on the CPU, which takes

@@ -78,28 +78,24 @@ def _supports(sig) -> str | None:
 
 
 # -- kernel variants -----------------------------------------------------------------------------
-# v1: mma.sync + 2-stage cp.async of 64-row tiles (docs/cute.md). v2: wgmma (SS for QK^T, RS for
-# PV) over a deeper ring; "v2" = 32-row tiles x 4 stages, "v2_n64" = 64-row tiles x 2 stages.
-# "v2_n64_c8" = v2_n64 with the combine's loops over splits unrolled 8x (8 loads in flight per
-# thread instead of one dependent load per split: b = 1 runs ~120 splits).
-# "v3" = v2_n64_c8 with one S per CTA shared by the two warpgroups (mla_decode_kernel_v3.py).
-# "v4" = v3, except where H x q_len <= 32: there the KV rows are the MMA's M axis and the query
-# rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py). The default.
-VARIANTS = {"v1": {}, "v2": dict(block_n=32, stages=4), "v2_n64": dict(block_n=64, stages=2),
-            "v2_n64_c8": dict(block_n=64, stages=2, combine_unroll=8),
-            "v3": dict(block_n=64, stages=2, combine_unroll=8),
+# "v3": wgmma over a 2-stage ring of 64-row tiles, one S per CTA shared by its two warpgroups
+# (mla_decode_kernel_v3.py). "v4": v3, except where H x q_len <= 32: there the KV rows are the
+# MMA's M axis and the query rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
+# Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
+# once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
+VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
             "v4": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
-# import). Every wgmma variant passed the conformance kit's full grid on hardware (bf16/fp16; v3
-# and v4 also the fp8 cache; graph replay == eager): v2 on an H200, v2_n64 / v2_n64_c8 / v3 on an
-# H100, v3 / v4 on an H200 (docs/perf/cute.md, runs 3-5). v4 = v3 where H x q_len > 32, and
-# 1.17-1.21x faster than v3 where it is not (run 5).
+# import). Both passed the conformance kit's full grid on an H100 and an H200 (bf16/fp16 and the
+# fp8 cache; graph replay == eager; docs/perf/cute.md, runs 3-7). v4 = v3 where H x q_len > 32,
+# and 1.17-1.21x faster than v3 where it is not (run 5).
 DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v4")
+if DEFAULT_VARIANT not in VARIANTS:  # the plugin loader reports this and skips the plugin
+    raise ValueError(f"TOKENSPEED_CUTE_MLA_VARIANT={DEFAULT_VARIANT!r}: expected one of {sorted(VARIANTS)}")
 # Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
-# every row of its class (None: nowhere). v3 and v2_n64_c8 beat Triton on all 24 rows of run 3
-# (H100: memory-bound 1.22-1.25x, b = 1 1.07-1.44x, compute-bound 1.6-2.1x); v2 and v2_n64 lost
-# the rows with 16 folded rows (run 2 on an H200, run 3 b = 1 on an H100).
-WINS_FROM_ROWS = {"v1": None, "v2": 64, "v2_n64": 64, "v2_n64_c8": 1, "v3": 1, "v4": 1}
+# every row of its class (None: nowhere). v3 and v4 beat Triton on every measured row (H100 and
+# H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.1x).
+WINS_FROM_ROWS = {"v3": 1, "v4": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 # sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
 # (mla_decode_kernel_sm100.py). Compiled for every shape class on CPU, never run on hardware:
@@ -116,7 +112,7 @@ _compile_lock = threading.Lock()
 
 
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
-                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str = "v1",
+                   head_dim: int = HEAD_DIM, head_dim_v: int = HEAD_DIM_V, variant: str | None = None,
                    kv_dtype: torch.dtype | None = None):
     """The kernel of one shape class for ``arch``: from the in-process cache, else from the disk
     cache (:mod:`._compile_cache`; ``TOKENSPEED_CUTE_CACHE=0`` turns it off), else compiled.
@@ -124,6 +120,7 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
     the duration of the compile (unset, the DSL silently targets sm_100a).
     """
+    variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
     if variant not in VARIANTS and variant != SM100_VARIANT:
         raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS) + [SM100_VARIANT]}")
     if variant == SM100_VARIANT and arch == "sm_90a":
@@ -148,8 +145,6 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
-
-    from .mla_decode_kernel import MlaDecodeSplitKV
 
     dt = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
     kv_dt = dt if kv_dtype == dtype else cutlass.Float8E4M3FN
@@ -180,13 +175,6 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
 
         kernel = MlaDecodeSplitKVTcgen05(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    elif variant == "v1":
-        kernel = MlaDecodeSplitKV(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    elif variant.startswith("v2"):
-        from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
-
-        kernel = MlaDecodeSplitKVWgmma(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
-                                       **VARIANTS[variant])
     elif variant == "v4" and m <= 32:
         from .mla_decode_kernel_v4 import MlaDecodeSplitKVRowsOnM
 
@@ -221,17 +209,10 @@ def shape_classes(q_lens=range(1, MAX_Q_LEN + 1), heads=(16, 32, 64, 128), page_
 # -- launch --------------------------------------------------------------------------------------
 
 
-def num_splits(batch: int, m_blocks: int, max_rows: int, sms: int) -> int:
-    """KV splits per request: enough CTAs to cover every SM once (one CTA fits an SM), never more
-    splits than 64-row tiles. Depends only on static shapes, so a captured graph stays valid."""
-    tiles = max(1, -(-max_rows // PAGE_MULTIPLE))
-    return max(1, min(-(-sms // max(1, batch * m_blocks)), tiles, sms))
-
-
 def num_splits_v2(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: int = 32) -> int:
-    """KV splits per request for v2: the fewest splits whose CTAs fill whole waves (>= 90% of
-    the SM slots of the last wave busy; one CTA per SM), so no SM idles through a half-empty
-    last wave (v1's ceil(sms / ctas) gave 192 CTAs = 1.45 waves at batch 64). Never more splits
+    """The base split rule: the fewest splits whose CTAs fill whole waves (>= 90% of the SM
+    slots of the last wave busy; one CTA per SM), so no SM idles through a half-empty last wave
+    (a first rule, ceil(sms / ctas), gave 192 CTAs = 1.45 waves at batch 64). Never more splits
     than KV tiles. Static shapes only: a captured graph stays valid."""
     per_split = max(1, batch * m_blocks)
     tiles = max(1, -(-max_rows // block_n))
@@ -276,8 +257,8 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
     variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
     if variant == SM100_VARIANT and arch == "sm_90a":
         raise RuntimeError(f"variant {variant} uses tcgen05, which sm_90a does not have")
-    if variant not in ("v1", SM100_VARIANT) and arch != "sm_90a":
-        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT} or v1)")
+    if variant != SM100_VARIANT and arch != "sm_90a":
+        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT})")
     fn = compile_kernel(arch, dtype, heads, q_len, page_size, d, head_dim_v, variant, kv_dtype=kv_dtype)
     sms = torch.cuda.get_device_properties(dev_idx).multi_processor_count
     m = heads * q_len
@@ -286,8 +267,6 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
         splits = int(num_kv_splits)
         if not 1 <= splits <= MAX_KV_SPLITS:
             raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
-    elif variant == "v1":
-        splits = num_splits(batch, -(-m // BLOCK_M), max_rows, sms)
     elif variant == SM100_VARIANT:
         from .mla_decode_kernel_sm100 import ctas_per_split  # 128-row blocks x 2 Dv halves
 
@@ -334,7 +313,7 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 
 
 # -- registration --------------------------------------------------------------------------------
-_KERNEL_DESC = {"v1": "mma.sync + cp.async", "v3": "wgmma, one S per CTA, 2-stage cp.async",
+_KERNEL_DESC = {"v3": "wgmma, one S per CTA, 2-stage cp.async",
                 "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
@@ -378,7 +357,7 @@ def register(registry, backend: str, priority, preferred=None) -> None:
 
 
 def make_mla_decode(variant: str):
-    """The launcher bound to one kernel variant (benchmarks register v1 and v2 side by side)."""
+    """The launcher bound to one kernel variant (benchmarks register the variants side by side)."""
     if variant not in VARIANTS and variant != SM100_VARIANT:
         raise ValueError(f"unknown variant {variant!r}")
 
@@ -391,5 +370,5 @@ def make_mla_decode(variant: str):
     return launch
 
 
-__all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits", "num_splits_v2", "num_splits_one_wave",
+__all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits_v2", "num_splits_one_wave",
            "register", "shape_classes", "supports", "supports_for", "SM100_VARIANT"]
