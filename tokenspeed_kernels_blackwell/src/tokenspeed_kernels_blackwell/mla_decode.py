@@ -198,7 +198,8 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
 
 def shape_classes(q_lens=range(1, MAX_Q_LEN + 1), heads=(16, 32, 64, 128), page_sizes=(64,),
                   dtypes=DTYPES):
-    """The shape classes worth compiling ahead of time (CI compiles a subset)."""
+    """The shape classes worth compiling ahead of time: CI compiles all of them for sm_90a (16-bit
+    and fp8 caches) and sm_100a (tests/blackwell/test_cute_mla_decode.py)."""
     for dtype in dtypes:
         for h in heads:
             for q_len in q_lens:
