@@ -166,6 +166,10 @@ def test_variant_switch():
         cute_mla.make_mla_decode("v9")
     with pytest.raises(ValueError, match="unknown variant"):
         cute_mla.compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64, variant="nope")
+    with pytest.raises(ValueError, match="wgmma, which sm_100a does not have"):
+        cute_mla.compile_kernel("sm_100a", torch.bfloat16, 16, 1, 64, variant="v4")
+    with pytest.raises(ValueError, match="tcgen05, which sm_90a does not have"):
+        cute_mla.compile_kernel("sm_90a", torch.bfloat16, 16, 1, 64, variant=cute_mla.SM100_VARIANT)
 
 
 # -- compilation without a GPU -------------------------------------------------------------------

@@ -125,6 +125,8 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
         raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS) + [SM100_VARIANT]}")
     if variant == SM100_VARIANT and arch == "sm_90a":
         raise ValueError(f"variant {variant} uses tcgen05, which sm_90a does not have")
+    if variant != SM100_VARIANT and arch != "sm_90a":
+        raise ValueError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT})")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     if kv_dtype == FP8 and variant not in FP8_VARIANTS:
         raise ValueError(f"variant {variant} has no fp8 cache path (one of {FP8_VARIANTS})")
