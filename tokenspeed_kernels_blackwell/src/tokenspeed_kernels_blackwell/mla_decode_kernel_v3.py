@@ -1,11 +1,12 @@
-"""CuTe DSL MLA decode, v3 for sm_90a: v2 with ONE S per CTA, shared by the two warpgroups.
+"""CuTe DSL MLA decode, v3 for sm_90a: ONE S per CTA, shared by the two warpgroups.
 
 Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
-installed). Same interface, splits, masking, loader and combine as v2
-(:mod:`.mla_decode_kernel_v2`); the difference is who computes S (docs/cute.md, "v3"):
+installed). The loader, wgmma helpers and combine are the shared ones
+(:mod:`.mla_decode_kernel_v2`, :mod:`.mla_decode_combine`); what v3 changes against the removed
+v2 is who computes S (docs/cute.md, "v3"):
 
-- v2: both warpgroups compute the whole S = Q K^T of a 64-row KV tile (m64 n64), i.e. a third of
-  the tensor work is duplicated and Q is re-read from smem by both.
+- v2 (removed): both warpgroups computed the whole S = Q K^T of a 64-row KV tile (m64 n64), i.e.
+  a third of the tensor work was duplicated and Q was re-read from smem by both.
 - v3: warpgroup w computes S for KV rows [32 w, 32 w + 32) of the tile (m64 n32). The online
   softmax needs one max per row over all 64 columns: each warpgroup publishes its row maxima in
   smem, both take the max of the two (fmax is exact, so both get the same value and scale P and

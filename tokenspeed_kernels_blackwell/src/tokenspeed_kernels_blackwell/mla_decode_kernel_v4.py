@@ -1,7 +1,7 @@
 """CuTe DSL MLA decode, v4 for sm_90a and few folded rows: the KV rows are the MMA's M axis.
 
 Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
-installed). Same interface, split-KV scheme, loader and combine as v2/v3; used where the folded
+installed). Same interface, split-KV scheme, loader and combine as v3; used where the folded
 query rows M = H x q_len are at most 32 (plain decode with 16 or 32 heads, a 2-token verify with
 16), where v3 pads M to the 64 rows of a wgmma and so spends 2-4x the tensor work that the real
 rows need. On an H200 that made the 16-head decode MMA-bound at ~82-87% of copy, and an fp8 cache
