@@ -107,6 +107,18 @@ SM100_ENABLED = os.environ.get("TOKENSPEED_CUTE_SM100", "") == "1"
 
 
 # -- compilation ---------------------------------------------------------------------------------
+def resolve_variant(arch: str, variant: str | None) -> str:
+    """The kernel variant that runs on ``arch``: the given one (checked), else the arch's default."""
+    variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
+    if variant not in VARIANTS and variant != SM100_VARIANT:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS) + [SM100_VARIANT]}")
+    if variant == SM100_VARIANT and arch == "sm_90a":
+        raise ValueError(f"variant {variant} uses tcgen05, which sm_90a does not have")
+    if variant != SM100_VARIANT and arch != "sm_90a":
+        raise ValueError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT})")
+    return variant
+
+
 _compiled: dict[tuple, object] = {}
 _compile_lock = threading.Lock()
 
@@ -120,13 +132,7 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     Works without a GPU: the arguments are fake tensors. ``CUTE_DSL_ARCH`` is set explicitly for
     the duration of the compile (unset, the DSL silently targets sm_100a).
     """
-    variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
-    if variant not in VARIANTS and variant != SM100_VARIANT:
-        raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS) + [SM100_VARIANT]}")
-    if variant == SM100_VARIANT and arch == "sm_90a":
-        raise ValueError(f"variant {variant} uses tcgen05, which sm_90a does not have")
-    if variant != SM100_VARIANT and arch != "sm_90a":
-        raise ValueError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT})")
+    variant = resolve_variant(arch, variant)
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     if kv_dtype == FP8 and variant not in FP8_VARIANTS:
         raise ValueError(f"variant {variant} has no fp8 cache path (one of {FP8_VARIANTS})")
@@ -257,11 +263,7 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
     from .mla_decode_kernel import BLOCK_M
 
     arch = TARGETS[torch.cuda.get_device_capability(dev_idx)]
-    variant = variant or (DEFAULT_VARIANT if arch == "sm_90a" else SM100_VARIANT)
-    if variant == SM100_VARIANT and arch == "sm_90a":
-        raise RuntimeError(f"variant {variant} uses tcgen05, which sm_90a does not have")
-    if variant != SM100_VARIANT and arch != "sm_90a":
-        raise RuntimeError(f"variant {variant} uses wgmma, which {arch} does not have (use {SM100_VARIANT})")
+    variant = resolve_variant(arch, variant)
     fn = compile_kernel(arch, dtype, heads, q_len, page_size, d, head_dim_v, variant, kv_dtype=kv_dtype)
     sms = torch.cuda.get_device_properties(dev_idx).multi_processor_count
     m = heads * q_len

@@ -26,17 +26,22 @@ MAX_SPLITS = 1024  # the launcher never asks for more (weights are staged in sha
 LOG2_E = 1.4426950408889634
 
 
-@cute.jit
-def _warp_max(v: cutlass.Float32) -> cutlass.Float32:
-    for i in cutlass.range_constexpr(5):
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=16 >> i, mask=-1, mask_and_clamp=31))
+# xor-shuffle (butterfly) reductions over the lanes that differ in the given lane bits; every
+# kernel of the package uses these (plain Python: unrolled while the calling kernel is traced)
+WARP = (16, 8, 4, 2, 1)  # all 32 lanes
+QUAD = (2, 1)  # the 4 lanes of a quad (an mma / wgmma accumulator row)
+COLUMN = (4, 8, 16)  # the 8 lanes that hold the same accumulator columns
+
+
+def xor_max(v, offsets):
+    for o in offsets:
+        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=o, mask=-1, mask_and_clamp=31))
     return v
 
 
-@cute.jit
-def _warp_sum(v: cutlass.Float32) -> cutlass.Float32:
-    for i in cutlass.range_constexpr(5):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=16 >> i, mask=-1, mask_and_clamp=31)
+def xor_sum(v, offsets):
+    for o in offsets:
+        v = v + cute.arch.shuffle_sync_bfly(v, offset=o, mask=-1, mask_and_clamp=31)
     return v
 
 
@@ -97,7 +102,7 @@ class SplitKVCombine:
         lse_max = -cutlass.Float32.inf
         for s in cutlass.range(tidx, num_splits, nthr, unroll=1):
             lse_max = cute.arch.fmax(lse_max, mLsePart[b, s, m])
-        lse_max = _warp_max(lse_max)
+        lse_max = xor_max(lse_max, WARP)
         if lane == 0:
             sRed[warp] = lse_max
         cute.arch.sync_threads()
@@ -112,7 +117,7 @@ class SplitKVCombine:
             w = cute.math.exp2((mLsePart[b, s, m] - safe) * LOG2_E, fastmath=True)
             sW[s] = w
             w_sum = w_sum + w
-        w_sum = _warp_sum(w_sum)
+        w_sum = xor_sum(w_sum, WARP)
         if lane == 0:
             sRed[warp] = w_sum
         cute.arch.sync_threads()
@@ -158,4 +163,4 @@ class SplitKVCombine:
                 mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else safe + cute.math.log(total)
 
 
-__all__ = ["COMBINE_COLS", "MAX_SPLITS", "SplitKVCombine"]
+__all__ = ["COLUMN", "COMBINE_COLS", "MAX_SPLITS", "QUAD", "SplitKVCombine", "WARP", "xor_max", "xor_sum"]

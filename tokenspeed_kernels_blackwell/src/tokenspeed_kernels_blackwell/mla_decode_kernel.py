@@ -1,5 +1,5 @@
 """Shared base of the CuTe DSL MLA decode kernels: the shape-class configuration, constants,
-quad reductions and the score scale.
+and the score scale.
 
 Imports cutlass at module level: only the kernel modules import this one, and only once
 nvidia-cutlass-dsl is known to be installed. The kernels (docs/cute.md) extend
@@ -25,9 +25,6 @@ What every kernel shares:
 
 from __future__ import annotations
 
-import cutlass
-import cutlass.cute as cute
-
 from .mla_decode_combine import SplitKVCombine
 
 BLOCK_M = 64  # folded (q_len x heads) rows per CTA (the wgmma M)
@@ -51,20 +48,6 @@ class MlaDecodeSplitKV(SplitKVCombine):
         self.D = head_dim
         self.Dv = head_dim_v
         self.page_size = page_size
-
-
-# -- register helpers --------------------------------------------------------------------------
-@cute.jit
-def _quad_max(v: cutlass.Float32) -> cutlass.Float32:
-    # the 4 threads of a quad hold the same two rows of an m16n8 tile
-    v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31))
-    return cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31))
-
-
-@cute.jit
-def _quad_sum(v: cutlass.Float32) -> cutlass.Float32:
-    v = v + cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31)
-    return v + cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31)
 
 
 def softmax_scale_log2(softmax_scale: float, kv_scale: float) -> float:

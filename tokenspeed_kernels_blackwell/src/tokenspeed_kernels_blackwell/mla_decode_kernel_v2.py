@@ -26,7 +26,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.nvgpu import warpgroup
 
-from .mla_decode_kernel import MlaDecodeSplitKV, _quad_max, _quad_sum  # noqa: F401 (re-exported)
+from .mla_decode_kernel import MlaDecodeSplitKV
 
 BLOCK_M = 64  # wgmma M: folded (q_len x heads) rows per CTA
 NUM_THREADS = 256  # two warpgroups, each owning half of Dv

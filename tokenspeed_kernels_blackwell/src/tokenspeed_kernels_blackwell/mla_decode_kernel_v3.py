@@ -31,13 +31,12 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 
+from .mla_decode_combine import QUAD, xor_max, xor_sum
 from .mla_decode_kernel_v2 import (
     BLOCK_M,
     NUM_THREADS,
     MlaDecodeSplitKVWgmma,
     _mn_view_sm90,
-    _quad_max,
-    _quad_sum,
     _wgmma,
 )
 
@@ -263,8 +262,8 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
                         acc_S_mn[r, c] = -cutlass.Float32.inf
                     else:
                         acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
-                tile_max[r] = _quad_max(acc_S_mn[r, None].load().reduce(
-                    cute.ReductionOp.MAX, -cutlass.Float32.inf, 0))
+                tile_max[r] = xor_max(acc_S_mn[r, None].load().reduce(
+                    cute.ReductionOp.MAX, -cutlass.Float32.inf, 0), QUAD)
                 if tidx % 4 == 0:
                     sRow[tScS_mn[r, 0][0], wg] = tile_max[r]
             cute.arch.sync_threads()
@@ -304,7 +303,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         # ---- epilogue: add the two warpgroups' partial row sums, normalise, write ----
         cute.arch.sync_threads()
         for r in cutlass.range_constexpr(rows_per_thr):
-            row_sum[r] = _quad_sum(row_sum[r])
+            row_sum[r] = xor_sum(row_sum[r], QUAD)
             if tidx % 4 == 0:
                 sRow[tScS_mn[r, 0][0], wg] = row_sum[r]
         cute.arch.sync_threads()

@@ -30,26 +30,12 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 
+from .mla_decode_combine import COLUMN, xor_max, xor_sum
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma, _mn_view_sm90, _wgmma
 
 NUM_THREADS_V4 = 128  # one warpgroup
 MAX_ROWS_V4 = 32  # folded query rows this kernel takes (the wgmma N)
 KV_ROWS = 64  # a KV tile = the wgmma M
-
-
-@cute.jit
-def _lanes_max(v: cutlass.Float32) -> cutlass.Float32:
-    """Max over the 8 lanes that hold the same accumulator columns (lane bits 2-4)."""
-    for i in cutlass.range_constexpr(3):
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=4 << i, mask=-1, mask_and_clamp=31))
-    return v
-
-
-@cute.jit
-def _lanes_sum(v: cutlass.Float32) -> cutlass.Float32:
-    for i in cutlass.range_constexpr(3):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=4 << i, mask=-1, mask_and_clamp=31)
-    return v
 
 
 class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
@@ -276,7 +262,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                     else:
                         acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
                     mx = cute.arch.fmax(mx, acc_S_mn[r, c])
-                tile_max[c] = _lanes_max(mx)
+                tile_max[c] = xor_max(mx, COLUMN)
                 if lane < 4:
                     sCol[warp, tScS_mn[0, c][1]] = tile_max[c]
             cute.arch.sync_threads()
@@ -318,7 +304,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         # ---- epilogue: column sums over all rows, normalise, write the split's partials ----
         cute.arch.sync_threads()
         for c in cutlass.range_constexpr(cols_per_thr):
-            col_sum[c] = _lanes_sum(col_sum[c])
+            col_sum[c] = xor_sum(col_sum[c], COLUMN)
             if lane < 4:
                 sCol[warp, tScS_mn[0, c][1]] = col_sum[c]
         cute.arch.sync_threads()
