@@ -30,7 +30,7 @@ MAX_HEADS = 128
 MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS: the combine stages one weight per split in smem
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
-FP8_VARIANTS = ("v3", "v4")  # the variants with an fp8 e4m3 cache path
+FP8_VARIANTS = ("v3", "v4", "v5")  # the variants with an fp8 e4m3 cache path
 # capability -> CUTE_DSL_ARCH of the kernel that runs there
 TARGETS = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 
@@ -84,7 +84,8 @@ def _supports(sig) -> str | None:
 # Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
 # once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
-            "v4": dict(block_n=64, stages=2, combine_unroll=8)}
+            "v4": dict(block_n=64, stages=2, combine_unroll=8),
+            "v5": dict(block_n=64, stages=2, combine_unroll=8)}
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). Both passed the conformance kit's full grid on an H100 and an H200 (bf16/fp16 and the
 # fp8 cache; graph replay == eager; docs/perf/cute.md, runs 3-7). v4 = v3 where H x q_len > 32,
@@ -95,7 +96,7 @@ if DEFAULT_VARIANT not in VARIANTS:  # the plugin loader reports this and skips 
 # Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
 # every row of its class (None: nowhere). v3 and v4 beat Triton on every measured row (H100 and
 # H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.1x).
-WINS_FROM_ROWS = {"v3": 1, "v4": 1}
+WINS_FROM_ROWS = {"v3": 1, "v4": 1, "v5": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 # sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
 # (mla_decode_kernel_sm100.py). Compiled for every shape class on CPU, never run on hardware:
@@ -183,11 +184,16 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
 
         kernel = MlaDecodeSplitKVTcgen05(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    elif variant == "v4" and m <= 32:
+    elif variant in ("v4", "v5") and m <= 32:
         from .mla_decode_kernel_v4 import MlaDecodeSplitKVRowsOnM
 
         kernel = MlaDecodeSplitKVRowsOnM(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
                                          kv_dtype=kv_dt, **VARIANTS[variant])
+    elif variant == "v5" and kv_dt == dt:
+        from .mla_decode_kernel_v5 import MlaDecodeSplitKVSeesaw
+
+        kernel = MlaDecodeSplitKVSeesaw(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
+                                        **VARIANTS[variant])
     else:
         from .mla_decode_kernel_v3 import MlaDecodeSplitKVSharedS
 

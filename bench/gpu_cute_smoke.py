@@ -1,0 +1,88 @@
+"""A quick GPU smoke test of one CuTe mla_decode kernel variant before the long runs: a few shapes
+with awkward lengths (1, a tile boundary +- 1, odd tile counts) and forced split counts (1, odd,
+more splits than tiles: empty splits), against the op's reference in float64. Meant to run under
+``timeout`` first in a device call, so a kernel that hangs costs seconds, not the call.
+
+    source .device/setup.sh && timeout 120 python bench/gpu_cute_smoke.py --variant v5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_blackwell", "src")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+from tokenspeed_core.ops.mla_decode import reference  # noqa: E402
+
+
+def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, gen=None):
+    dev = "cuda"
+    pages = max(1, max(-(-n // ps) for n in lens))
+    num_pages = B * pages + 2
+    cache = torch.randn((num_pages, ps, 576), generator=gen, device=dev, dtype=dtype)
+    cache[-1] = float("nan")  # stale rows of the pages in use are NaN below
+    table = torch.randperm(num_pages - 1, device=dev, generator=gen)[: B * pages].view(B, pages).int()
+    for b, n in enumerate(lens):  # poison the unused tail of each request's last page
+        if n % ps:
+            cache[table[b, (n - 1) // ps], n % ps:] = float("nan")
+    q = torch.randn((B, Q, H, 576), generator=gen, device=dev, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    out = torch.full((B, Q, H, 512), float("nan"), device=dev, dtype=dtype)
+    lse = torch.full((B, Q, H), float("nan"), device=dev, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(192)
+    md.mla_decode(q, cache, table, seqlens, out, lse, scale, 512, 1.0, variant=variant, num_kv_splits=splits)
+    torch.cuda.synchronize()
+    ro = torch.empty((B, Q, H, 512), dtype=torch.float64, device=dev)
+    rl = torch.empty((B, Q, H), dtype=torch.float64, device=dev)
+    reference(q.double(), cache.double(), table, seqlens, ro, rl, scale)
+    err_o = (out.double() - ro).abs().max().item()
+    err_l = (lse.double() - rl).abs().max().item()
+    ok = err_o < 2e-2 and err_l < 1e-3 and not out.isnan().any().item()
+    return ok, err_o, err_l
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="v5")
+    args = ap.parse_args()
+    from tokenspeed_kernels_blackwell import mla_decode as md
+
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    cases = [  # (B, Q, H, lens, splits)
+        (1, 1, 128, [1], 1),
+        (1, 1, 128, [64], 1),
+        (1, 1, 128, [65], 1),
+        (1, 1, 128, [200], 1),
+        (2, 1, 128, [129, 1000], 1),
+        (2, 1, 128, [129, 1000], 3),
+        (3, 1, 128, [5, 700, 64 * 9], 40),
+        (2, 1, 64, [300, 2048], 4),
+        (2, 4, 16, [333, 4000], 5),
+        (2, 4, 32, [4000, 81], 7),
+        (2, 8, 16, [17, 1500], 2),
+        (2, 3, 16, [640, 641], 1),
+        (2, 2, 128, [4096, 100], 16),
+    ]
+    t0 = time.time()
+    fails = 0
+    for B, Q, H, lens, splits in cases:
+        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen)
+        fails += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits}: "
+              f"max|dO|={eo:.2e} max|dLSE|={el:.2e}", flush=True)
+    print(f"smoke {args.variant}: {len(cases) - fails}/{len(cases)} ok in {time.time() - t0:.1f}s")
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()

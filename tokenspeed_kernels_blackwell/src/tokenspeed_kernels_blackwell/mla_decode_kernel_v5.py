@@ -1,0 +1,479 @@
+"""CuTe DSL MLA decode, v5 for sm_90a and >= 64 folded rows: two KV tiles per step, see-saw.
+
+Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
+installed). Same interface, split-KV scheme and combine as v3/v4. Where v3 is slow (the rows with
+64+ folded query rows, which are compute-bound from 128: 44-57% of the GEMM rate, docs/perf/cute.md
+runs 3-8) it had two costs: each warpgroup's m64 n32 half of S reads Q from smem once per 32 KV
+rows (more smem bandwidth than the SM has at the full tensor rate), and the softmax ran with the
+tensor cores idle. v5 is the schedule FlashMLA's sm_90 kernel made known (its design, our code;
+docs/cute.md, "v5"):
+
+- A step takes two 64-row KV tiles, K0 and K1. Warpgroup 0 computes the whole S0 = Q K0^T (m64
+  n64, 36 k-steps), warpgroup 1 the whole S1 = Q K1^T, each from its own tile; both accumulate O
+  over their half of Dv (O_L: warpgroup 0, O_R: warpgroup 1; 64 x 256 fp32 each).
+- The see-saw: WG0 does the softmax of S0 (running max ``m0``), publishes ``m0`` and its O scale,
+  and runs O_L += P0 V0_L with P0 in registers, while WG1 takes ``m1 = max(m0, rowmax S1)`` and
+  runs O_R += P1 V1_R. Then each needs the other's P for its own half of Dv: WG0 writes P0
+  (rescaled to ``m1``) to smem, WG1 writes P1, and O_L += P1 V1_L, O_R += P0 V0_R. So one
+  warpgroup's softmax overlaps the other's MMAs, and every S is an n64 product (Q read from smem
+  once per 64 KV rows).
+- Loads: cp.async issued by the warpgroup that frees the columns, completion tracked by an
+  mbarrier per (tile slot, column group) (``cp.async.mbarrier.arrive.noinc``). Columns free at
+  different times: in K0, columns 0-255 (V0_L) once WG0's first PV is done, 256-575 once WG1's
+  O_R += P0 V0_R is; in K1, 256-511 (V1_R) after WG1's first PV, the rest after WG0's second. The
+  next S is computed in that order (WG0: columns 0-255 first; WG1: 256-511 first), so it starts
+  on the columns that arrived first.
+- P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
+  that tile's S is computed: Q (72 KB) + two tiles (144 KB) is all the smem (~217 KB).
+- Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
+  NaN): their scores are masked, and the V columns a warpgroup reads are zeroed in smem before its
+  PV (0 x NaN is NaN).
+- Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
+  special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+
+from .mla_decode_combine import QUAD, xor_max, xor_sum
+from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _mn_view_sm90
+
+CHUNK = 64  # columns of one k-group (one 64-column SW128 atom column; 8 KB of a 64-row tile)
+MAX_INIT = -1.0e30  # running max before any score (finite: see the module docstring)
+# Named barriers (id 0 is __syncthreads): WG0 -> WG1 "m0 and scale0 published", WG1 -> WG0 "m1 and
+# scale1 published", WG0 -> WG1 "P0 in smem", WG1 -> WG0 "P1 in smem"; one per warpgroup for
+# its own smem writes (zeroed V rows) before its wgmma.
+BAR_SCALE0, BAR_SCALE1, BAR_P0, BAR_P1, BAR_WG = 1, 2, 3, 4, 5
+# Column groups per tile slot, in chunk numbers (chunk 8 = the rope columns, where P goes), and
+# the warpgroup that loads each (the one whose MMA frees it last).
+K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # loaded by WG0, by WG1
+K1_EARLY, K1_LATE = (4, 5, 6, 7), (0, 1, 2, 3, 8)  # loaded by WG1, by WG0
+ROPE_CHUNK = 8
+
+
+class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
+    """v5: two 64-row KV tiles per step; each warpgroup computes one whole S, see-saw PV."""
+
+    def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
+                 combine_unroll=1):
+        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, 64, 2, combine_unroll)
+        if (head_dim, head_dim_v) != (576, 512):
+            raise ValueError("v5 is laid out for D = 576, Dv = 512 (rope columns 512-575 hold P)")
+        self.chunks = head_dim // CHUNK
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
+        stream,
+    ):
+        dtype = self.dtype
+        k_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.K_SW128, dtype)
+        mn_atom = warpgroup.make_smem_layout_atom(warpgroup.SmemLayoutAtomKind.MN_SW128, dtype)
+        sQ_layout = cute.tile_to_shape(k_atom, (BLOCK_M, self.D), (0, 1))
+        sKV_layout = cute.tile_to_shape(k_atom, (self.block_n, self.D, 2), (0, 1, 2))
+        sVt_layout = cute.tile_to_shape(mn_atom, (self.Dv, self.block_n), (1, 0))
+
+        @cute.struct
+        class SharedStorage:
+            mbar: cute.struct.MemRange[cutlass.Int64, 4]
+            # running row max (shared by both warpgroups), the two O scales of a step, row sums
+            sM: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, BLOCK_M], 16]
+            sScale: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
+            sSum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
+
+        copy_bits = 128
+        g2s_atom = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
+        )
+        per_thr = cute.make_layout((1, copy_bits // dtype.width))
+        q_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1)), per_thr)
+        # one warpgroup loads one 64 x 64 chunk in 4 passes of 16 rows
+        chunk_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((16, 8), stride=(8, 1)), per_thr)
+
+        mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.block_n),
+        )
+        mma_pv_ss = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.dv_half),
+        )
+        mma_pv_rs = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.dv_half), warpgroup.OperandSource.RMEM,
+        )
+
+        batch = mQ.shape[0]
+        num_splits = mOPart.shape[1]
+        m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
+        self.attention_kernel_v5(
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, q_copy, chunk_copy, mma_qk, mma_pv_ss, mma_pv_rs,
+            SharedStorage,
+        ).launch(
+            grid=[m_blocks, num_splits, batch],
+            block=[NUM_THREADS, 1, 1],
+            smem=SharedStorage.size_in_bytes(),
+            stream=stream,
+        )
+        self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    @cute.jit
+    def load_chunks(self, mKV, mPageTable, b, tile, sTile, chunks: cutlass.Constexpr, thr_copy, chunk_copy,
+                    mbar):
+        """cp.async of the given 64-column chunks of KV tile ``tile`` (all 64 rows, stale rows past
+        the length included) into ``sTile``, by this warpgroup; ``mbar`` completes when they land."""
+        BN = self.block_n
+        pos0 = tile * BN
+        page = mPageTable[b, pos0 // self.page_size]
+        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
+        gKV = cute.local_tile(mKV, (BN, self.D), (cache_row0 // BN, 0))
+        for c in cutlass.range_constexpr(len(chunks)):
+            src = thr_copy.partition_S(cute.local_tile(gKV, (BN, CHUNK), (0, chunks[c])))
+            dst = thr_copy.partition_D(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])))
+            cute.copy(chunk_copy, src, dst)
+        cute.arch.cp_async_mbarrier_arrive_noinc(mbar)
+
+    @cute.jit
+    def qk_chunks(self, mma_qk, acc_S, tSrQ, tSrK, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
+        """Issue S (+)= Q K^T over the given chunks (4 k16 steps each) as one wgmma group."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(mma_qk.op)
+        atom.set(warpgroup.Field.ACCUMULATE, not first)
+        for c in cutlass.range_constexpr(len(chunks)):
+            for k in cutlass.range_constexpr(CHUNK // 16):
+                kb = chunks[c] * (CHUNK // 16) + k
+                cute.gemm(atom, acc_S, tSrQ[None, None, kb], tSrK[None, None, kb], acc_S)
+                atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def compute_s(self, mma_qk, acc_S, tSrQ, tSrK, early: cutlass.Constexpr, late: cutlass.Constexpr,
+                  mbar_early, mbar_late, phase):
+        """S = Q K^T of a tile whose column groups arrive on two mbarriers: the first group's
+        MMAs run while the second is still landing."""
+        cute.arch.mbarrier_wait(mbar_early, phase)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, early, True)
+        cute.arch.mbarrier_wait(mbar_late, phase)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, late, False)
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def pv(self, tiled_mma, acc_O, tA, tB):
+        """Issue O += P V (4 k16 steps) as one wgmma group (not waited)."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(tiled_mma.op)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+        for k in cutlass.range_constexpr(cute.size(tA.shape[2])):
+            cute.gemm(atom, acc_O, tA[None, None, k], tB[None, None, k], acc_O)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def zero_stale_v(self, sVt_half, n, tile, wg, wg_tidx):
+        """Zero the V rows (columns of ``sVt_half``) of KV positions >= n in a request's last
+        tile, then publish them to this warpgroup's tensor-core reads."""
+        valid = n - tile * self.block_n
+        if valid < self.block_n:
+            for i in cutlass.range(wg_tidx, (self.block_n - valid) * self.dv_half, 128, unroll=1):
+                sVt_half[i % self.dv_half, valid + i // self.dv_half] = sVt_half.element_type(0)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=BAR_WG + wg, number_of_threads=128)
+
+    @cute.jit
+    def mask_scale_max(self, acc_S_mn, tScS_mn, row_limit, pos0, scale_log2, tile_max):
+        """Scores -> log2 domain with the causal-by-position mask (-inf), and the row maxima."""
+        for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
+            for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
+                if pos0 + tScS_mn[0, c][1] > row_limit[r]:
+                    acc_S_mn[r, c] = -cutlass.Float32.inf
+                else:
+                    acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
+            tile_max[r] = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0),
+                                  QUAD)
+
+    @cute.jit
+    def softmax_rows(self, acc_S_mn, tile_max, rows, sM, sScale, which: cutlass.Constexpr, wg_tidx, lane):
+        """Online-softmax step of one warpgroup's S against the shared running max ``sM``:
+        m_new = max(sM, tile max), the factor for older values exp2(sM - m_new) goes to
+        ``sScale[:, which]`` and is returned per row; S becomes P = exp2(S - m_new)."""
+        factor = cute.make_rmem_tensor((2,), cutlass.Float32)
+        m_new = cute.make_rmem_tensor((2,), cutlass.Float32)
+        for r in cutlass.range_constexpr(2):
+            m_old = sM[rows[r]]
+            m_new[r] = cute.arch.fmax(m_old, tile_max[r])
+            factor[r] = cute.math.exp2(m_old - m_new[r], fastmath=True)
+        cute.arch.sync_warp()  # every lane has read sM before the quad leader overwrites it
+        for r in cutlass.range_constexpr(2):
+            if lane % 4 == 0:
+                sM[rows[r]] = m_new[r]
+                sScale[rows[r], which] = factor[r]
+            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new[r], fastmath=True)
+        return factor
+
+    @cute.kernel
+    def attention_kernel_v5(
+        self,
+        mQ: cute.Tensor,
+        mKV: cute.Tensor,
+        mPageTable: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mOPart: cute.Tensor,
+        mLsePart: cute.Tensor,
+        scale_log2: cutlass.Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        sVt_layout: cute.ComposedLayout,
+        q_copy: cute.TiledCopy,
+        chunk_copy: cute.TiledCopy,
+        mma_qk: cute.TiledMma,
+        mma_pv_ss: cute.TiledMma,
+        mma_pv_rs: cute.TiledMma,
+        SharedStorage: cutlass.Constexpr,
+    ):
+        BN = self.block_n
+        tidx, _, _ = cute.arch.thread_idx()
+        m_block, split, b = cute.arch.block_idx()
+        num_splits = cute.arch.grid_dim()[1]
+        wg = tidx // 128
+        wg_tidx = tidx % 128
+        lane = tidx % 32
+
+        n = mSeqlens[b]
+        n_tiles = (n + BN - 1) // BN
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        row0 = m_block * BLOCK_M
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(SharedStorage)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sM = storage.sM.get_tensor(cute.make_layout(BLOCK_M))
+        sScale = storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
+        sSum = storage.sSum.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
+        mbar = storage.mbar.data_ptr()  # [K0 early, K0 late, K1 early, K1 late]
+        sK0 = sKV[None, None, 0]
+        sK1 = sKV[None, None, 1]
+        # P of a tile's warpgroup, for the other one: the tile's rope columns (dead after its S)
+        sP0 = cute.local_tile(sK0, (BN, CHUNK), (0, ROPE_CHUNK))
+        sP1 = cute.local_tile(sK1, (BN, CHUNK), (0, ROPE_CHUNK))
+        sVt0 = cute.local_tile(cute.make_tensor(sK0.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
+        sVt1 = cute.local_tile(cute.make_tensor(sK1.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
+
+        if tidx == 0:
+            for i in cutlass.range_constexpr(4):
+                cute.arch.mbarrier_init(mbar + i, 128)
+        cute.arch.mbarrier_init_fence()
+        if tidx < BLOCK_M:
+            sM[tidx] = MAX_INIT
+
+        # ---- Q (all threads, one commit group), then the first two tiles' column groups ----
+        thr_q = q_copy.get_slice(tidx)
+        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
+        tQgQ = thr_q.partition_S(gQ)
+        tQsQ = thr_q.partition_D(sQ)
+        tQc = thr_q.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
+        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+            if row0 + tQc[0, r, 0][0] < self.M:
+                cute.copy(q_copy, tQgQ[None, r, None], tQsQ[None, r, None])
+            else:
+                tQsQ[None, r, None].fill(0)
+        cute.arch.cp_async_commit_group()
+        thr_ld = chunk_copy.get_slice(wg_tidx)
+        if t_begin < t_end:
+            if wg == 0:
+                self.load_chunks(mKV, mPageTable, b, t_begin, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
+            else:
+                self.load_chunks(mKV, mPageTable, b, t_begin, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
+        if t_begin + 1 < t_end:
+            if wg == 0:
+                self.load_chunks(mKV, mPageTable, b, t_begin + 1, sK1, K1_LATE, thr_ld, chunk_copy, mbar + 3)
+            else:
+                self.load_chunks(mKV, mPageTable, b, t_begin + 1, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
+        cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(1)  # this thread's part of Q
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.sync_threads()  # Q, sM and the mbarriers' init visible to all
+
+        # ---- fragments: S of this warpgroup's tile (m64 n64); O over this warpgroup's Dv half ----
+        thr_qk = mma_qk.get_slice(wg_tidx)
+        thr_ss = mma_pv_ss.get_slice(wg_tidx)
+        thr_rs = mma_pv_rs.get_slice(wg_tidx)
+        tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK0 = mma_qk.make_fragment_B(thr_qk.partition_B(sK0))
+        tSrK1 = mma_qk.make_fragment_B(thr_qk.partition_B(sK1))
+        tOrV0 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt0))
+        tOrV1 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt1))
+        tOrV0_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt0))
+        tOrV1_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt1))
+        tOrP0 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP0))  # WG1 reads P0 from smem
+        tOrP1 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP1))  # WG0 reads P1 from smem
+        tPsP0 = thr_qk.partition_C(sP0)  # where WG0 writes P0
+        tPsP1 = thr_qk.partition_C(sP1)  # where WG1 writes P1
+
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BN)), cutlass.Float32)
+        acc_S_mn = _mn_view_sm90(acc_S)
+        acc_O = cute.make_rmem_tensor(thr_rs.partition_shape_C((BLOCK_M, self.dv_half)), cutlass.Float32)
+        acc_O.fill(0.0)
+        acc_O_mn = _mn_view_sm90(acc_O)
+        rP = cute.make_fragment_like(acc_S, self.dtype)
+        tOrP_rs = cute.make_tensor(rP.iterator, _acc_as_A_operand_sm90(rP.layout))
+
+        tScS_mn = _mn_view_sm90(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BN))))
+        rows = cute.make_rmem_tensor((2,), cutlass.Int32)  # this thread's two rows of S and O
+        row_limit = cute.make_rmem_tensor((2,), cutlass.Int32)
+        row_sum = cute.make_rmem_tensor((2,), cutlass.Float32)  # this warpgroup's P, partial
+        tile_max = cute.make_rmem_tensor((2,), cutlass.Float32)
+        for r in cutlass.range_constexpr(2):
+            rows[r] = tScS_mn[r, 0][0]
+            row_limit[r] = n - self.Q + cutlass.min(row0 + rows[r], self.M - 1) // self.H
+            row_sum[r] = 0.0
+
+        # ---- prologue: S of the first step's tiles ----
+        if wg == 0:
+            if t_begin < t_end:
+                self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0)
+        else:
+            if t_begin + 1 < t_end:
+                self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
+
+        for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
+            t1 = t0 + 1
+            has1 = t1 < t_end
+            next_phase = ((t0 - t_begin) // 2 + 1) % 2
+            if wg == 0:
+                # (a) softmax of S0 against the running max; O_L and its row sums follow it
+                self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, scale_log2, tile_max)
+                scale0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, wg_tidx, lane)
+                for r in cutlass.range_constexpr(2):
+                    row_sum[r] = row_sum[r] * scale0[r] + acc_S_mn[r, None].load().reduce(
+                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * scale0[r]
+                cute.arch.barrier_arrive(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
+                # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
+                rP.store(acc_S.load().to(self.dtype))
+                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
+                warpgroup.wait_group(0)
+                if t0 + 2 < t_end:
+                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
+                # (c) P0 rescaled to WG1's max -> smem, for O_R += P0 V0_R
+                cute.arch.barrier(barrier_id=BAR_SCALE1, number_of_threads=NUM_THREADS)
+                for r in cutlass.range_constexpr(2):
+                    tile_max[r] = sScale[rows[r], 1]  # scale1
+                    acc_S_mn[r, None] = acc_S_mn[r, None].load() * tile_max[r]
+                rP.store(acc_S.load().to(self.dtype))
+                for i in cutlass.range_constexpr(cute.size(rP)):
+                    tPsP0[i] = rP[i]
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier_arrive(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
+                # (d) O_L to WG1's max, then O_L += P1 V1_L; then K1's columns 0-255 and 512-575 are free
+                for r in cutlass.range_constexpr(2):
+                    row_sum[r] = row_sum[r] * tile_max[r]
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * tile_max[r]
+                if has1:
+                    cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
+                    self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
+                    self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
+                    warpgroup.wait_group(0)
+                    if t0 + 3 < t_end:
+                        self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_LATE, thr_ld, chunk_copy, mbar + 3)
+                # (e) the next step's S0
+                if t0 + 2 < t_end:
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, next_phase)
+            else:
+                # (a) softmax of S1 against WG0's new max; O_R follows both steps' factors
+                cute.arch.barrier(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
+                if has1:
+                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, scale_log2, tile_max)
+                else:
+                    tile_max.fill(-cutlass.Float32.inf)
+                    acc_S.fill(-cutlass.Float32.inf)
+                scale1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, wg_tidx, lane)
+                for r in cutlass.range_constexpr(2):
+                    f = scale1[r] * sScale[rows[r], 0]
+                    row_sum[r] = row_sum[r] * f + acc_S_mn[r, None].load().reduce(
+                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * f
+                cute.arch.barrier_arrive(barrier_id=BAR_SCALE1, number_of_threads=NUM_THREADS)
+                # (b) P1 -> smem for WG0; O_R += P1 V1_R from registers
+                if has1:
+                    rP.store(acc_S.load().to(self.dtype))
+                    for i in cutlass.range_constexpr(cute.size(rP)):
+                        tPsP1[i] = rP[i]
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                    cute.arch.barrier_arrive(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
+                    self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
+                    self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
+                # (c) O_R += P0 V0_R, P0 from smem; then K1's 256-511 and K0's 256-575 are free
+                cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
+                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
+                warpgroup.wait_group(0)
+                if t0 + 3 < t_end:
+                    self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
+                if t0 + 2 < t_end:
+                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
+                # (d) the next step's S1
+                if t0 + 3 < t_end:
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, next_phase)
+
+        # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
+        cute.arch.sync_threads()  # sM final; no cp.async left in flight (every load was waited for)
+        for r in cutlass.range_constexpr(2):
+            row_sum[r] = xor_sum(row_sum[r], QUAD)
+            if lane % 4 == 0:
+                sSum[rows[r], wg] = row_sum[r]
+        cute.arch.sync_threads()
+        for r in cutlass.range_constexpr(2):
+            total = sSum[rows[r], 0] + sSum[rows[r], 1]
+            empty = total == 0.0
+            inv = 0.0 if empty else 1.0 / total
+            lse = -cutlass.Float32.inf if empty else (sM[rows[r]] + cute.math.log2(total)) * 0.6931471805599453
+            acc_O_mn[r, None] = acc_O_mn[r, None].load() * inv
+            m = row0 + rows[r]
+            if wg == 0:
+                if lane % 4 == 0:
+                    if m < self.M:
+                        mLsePart[b, split, m] = lse
+
+        cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
+        col0 = wg * self.dv_half
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            m = row0 + cO[i][0]
+            if m < self.M:
+                mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+
+
+def _acc_as_A_operand_sm90(acc_layout):
+    """((2, 2, N / 8), MMA_M, MMA_N) accumulator -> ((2, 2, 2), MMA_M, (N / 16, MMA_N)) A fragment
+    of a k16 wgmma: two adjacent n8 column groups form one k16 step."""
+    d = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
+    return cute.make_layout(
+        ((d.shape[0][0], d.shape[0][1], d.shape[0][2][0]), d.shape[1], (d.shape[0][2][1], d.shape[2])),
+        stride=((d.stride[0][0], d.stride[0][1], d.stride[0][2][0]), d.stride[1],
+                (d.stride[0][2][1], d.stride[2])),
+    )
+
+
+__all__ = ["MlaDecodeSplitKVSeesaw"]
