@@ -13,7 +13,15 @@ import threading
 
 from ._errors import ArgumentError, KernelSelectionError, PluginError, TokenSpeedError
 from ._hooks import ENTRY_POINT_GROUP, KernelHookSpecs, hookimpl, hookspec, load_plugins
-from ._registry import KernelImpl, Priority, Registry, forced_backend, format_explain, use_backend
+from ._registry import (
+    KernelImpl,
+    OpPlan,
+    Priority,
+    Registry,
+    forced_backend,
+    format_explain,
+    use_backend,
+)
 from ._spec import BoundCall, Cost, OpSpec, ScalarParam, Signature, TensorRole
 
 __version__ = "0.1.0"
@@ -53,10 +61,16 @@ def explain(op: str, **kwargs) -> str:
     return get_registry().explain(op, **kwargs)
 
 
+def plan(op: str, **kwargs) -> OpPlan:
+    """Validate and select once for calls shaped like this one; ``plan.run(**kwargs)`` repeats it
+    with only a guard check (see ``OpPlan`` for what the guard pins)."""
+    return get_registry().plan(op, **kwargs)
+
+
 __all__ = [
     "ArgumentError", "BoundCall", "Cost", "ENTRY_POINT_GROUP", "KernelHookSpecs", "KernelImpl",
-    "KernelSelectionError", "OpSpec", "PluginError", "Priority", "Registry", "ScalarParam",
+    "KernelSelectionError", "OpPlan", "OpSpec", "PluginError", "Priority", "Registry", "ScalarParam",
     "Signature", "TensorRole", "TokenSpeedError", "build_registry", "explain", "format_explain",
-    "forced_backend", "get_registry", "hookimpl", "hookspec", "load_plugins", "reset_registry",
+    "forced_backend", "get_registry", "hookimpl", "hookspec", "load_plugins", "plan", "reset_registry",
     "use_backend",
 ]
