@@ -134,8 +134,8 @@ def test_default_variant_ranks_above_triton_where_it_measured_faster():
     reg = _registry()
     spec = reg.spec("mla_decode")
     sm90 = reg.backend("mla_decode", "cute")
-    assert cute_mla.DEFAULT_VARIANT == "v4" and "v4" in sm90.status
-    # v3/v4 beat Triton on every measured row (docs/perf/cute.md, runs 3-5): preferred everywhere
+    assert cute_mla.DEFAULT_VARIANT == "v5" and "v5" in sm90.status
+    # v3/v4/v5 beat Triton on every measured row (docs/perf/cute.md, runs 3-9): preferred everywhere
     for case in [dict(q_len=1, H=16), dict(q_len=2, H=16), dict(q_len=4, H=16), dict(q_len=1, H=128),
                  dict(q_len=1, H=64), dict(q_len=8, H=128)]:
         assert sm90.priority_for(_sig(reg, **case)) == Priority.SPECIALISED, case
@@ -147,20 +147,20 @@ def test_default_variant_ranks_above_triton_where_it_measured_faster():
 def test_rank_follows_the_measured_win_threshold(monkeypatch):
     reg = _registry()
     # a variant that lost the rows with 16 folded rows (as v2 did, docs/perf/cute.md run 2)
-    monkeypatch.setitem(cute_mla.WINS_FROM_ROWS, "v4", 64)
+    monkeypatch.setitem(cute_mla.WINS_FROM_ROWS, cute_mla.DEFAULT_VARIANT, 64)
     rank = cute_mla.rank_for(Priority.PORTABLE - 10, Priority.SPECIALISED)
     for case, faster in [(dict(q_len=1, H=16), False), (dict(q_len=2, H=16), False),
                          (dict(q_len=4, H=16), True), (dict(q_len=1, H=128), True)]:
         assert (rank(_sig(reg, **case)) == Priority.SPECIALISED) == faster, case
-    monkeypatch.setitem(cute_mla.WINS_FROM_ROWS, "v4", None)  # slower everywhere: no rank
+    monkeypatch.setitem(cute_mla.WINS_FROM_ROWS, cute_mla.DEFAULT_VARIANT, None)  # slower everywhere: no rank
     assert cute_mla.rank_for(Priority.PORTABLE - 10, Priority.SPECIALISED) is None
 
 
 def test_variant_switch():
-    # every wgmma variant passed the full conformance grid on hardware; v4 is the fastest
-    assert cute_mla.DEFAULT_VARIANT == os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v4")
+    # every wgmma variant passed the full conformance grid on hardware; v5 is the fastest
+    assert cute_mla.DEFAULT_VARIANT == os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v5")
     assert set(cute_mla.VARIANTS) == set(cute_mla.WINS_FROM_ROWS)
-    assert set(cute_mla.VARIANTS) == {"v3", "v4"}
+    assert set(cute_mla.VARIANTS) == {"v3", "v4", "v5"}
     assert cute_mla.make_mla_decode("v3").__name__ == "mla_decode_v3"
     with pytest.raises(ValueError, match="unknown variant"):
         cute_mla.make_mla_decode("v9")
@@ -264,6 +264,49 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "griddepcontrol.wait" in combine, variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
         assert "griddepcontrol.launch_dependents" not in text.split(".entry ")[1], variant
+
+
+
+SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
+    (("bfloat16", 128, 1, 64, "v5"), "v5"), (("float16", 16, 8, 128, "v5"), "v5"),
+    (("bfloat16", 32, 3, 64, "v5"), "v5"),  # 96 folded rows: two m-blocks
+    (("bfloat16", 16, 4, 64, "v5"), "v3"),  # 64 rows: one m-block, memory-bound: v3
+    (("bfloat16", 16, 1, 64, "v5"), "v4"),  # 16 rows: KV rows on M
+    (("bfloat16", 128, 2, 64, "v5", "float8_e4m3fn"), "v3"),  # fp8 cache: v3's staged path
+]
+
+
+def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="ptx", TOKENSPEED_CUTE_CACHE="0",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(PKG_SRC), os.environ.get("PYTHONPATH", "")]))
+    for i, (shape, kernel) in enumerate(SHAPES_V5):
+        d = tmp_path / str(i)
+        d.mkdir()
+        proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps([shape])], cwd=d, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (p,) = glob.glob(str(d / "*.ptx"))
+        text = open(p).read()
+        split = text.split(".entry ")[1]
+        assert f"attention_kernel_{kernel}" in split[:80], (shape, split[:80])
+        if kernel != "v5":
+            continue
+        # four S sites (prologue and loop, one per warpgroup), each m64 n64 over D / 16 = 36
+        # k-steps; four P V sites, each m64 n256 (a warpgroup's half of Dv) over 64 / 16 k-steps
+        assert split.count("wgmma.mma_async.sync.aligned.m64n64k16") == 4 * 576 // 16, shape
+        assert split.count("wgmma.mma_async.sync.aligned.m64n256k16") == 4 * 64 // 16, shape
+        # each warpgroup's own P from registers (RS: A in braces) once per step, 4 k-steps each
+        rs = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.\w+\.\w+ \{[^}]*\}, \{", split)
+        assert len(rs) == 2 * 64 // 16, shape
+        # column groups land on mbarriers; the warpgroups hand P over through named barriers
+        assert "cp.async.mbarrier.arrive.noinc.shared" in split and "mbarrier.try_wait.parity" in split
+        assert re.search(r"bar\.arrive\s+1, 256", split) and re.search(r"bar\.arrive\s+2, 256", split)
+        assert "cp.async.bulk.prefetch.L2.global" in split
+        assert "fence.proxy.async.shared::cta" in split
+        # a split CTA (~217 KB of smem) leaves no room for a combine CTA: no early trigger
+        assert "griddepcontrol.launch_dependents" not in split
 
 
 ALL_CLASSES_SCRIPT = textwrap.dedent("""

@@ -81,21 +81,27 @@ def _supports(sig) -> str | None:
 # "v3": wgmma over a 2-stage ring of 64-row tiles, one S per CTA shared by its two warpgroups
 # (mla_decode_kernel_v3.py). "v4": v3, except where H x q_len <= 32: there the KV rows are the
 # MMA's M axis and the query rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
+# "v5": v4, except where H x q_len > SEESAW_FROM_ROWS with a 16-bit cache: there two KV tiles per
+# step, one whole S per warpgroup and FlashMLA's see-saw PV (mla_decode_kernel_v5.py).
 # Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
 # once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
             "v4": dict(block_n=64, stages=2, combine_unroll=8),
             "v5": dict(block_n=64, stages=2, combine_unroll=8)}
+# The see-saw kernel from this many folded rows up: at 64 rows (one m-block, memory-bound) it was
+# 1-2% slower than v3 without its L2 prefetch and 1.2-1.3x slower with it (the prefetched tiles of
+# 132 CTAs, shared by nobody, push each other out of L2); from 128 rows it was 1.04-1.21x faster
+# (docs/perf/cute.md, run 9).
+SEESAW_FROM_ROWS = 64
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
-# import). Both passed the conformance kit's full grid on an H100 and an H200 (bf16/fp16 and the
-# fp8 cache; graph replay == eager; docs/perf/cute.md, runs 3-7). v4 = v3 where H x q_len > 32,
-# and 1.17-1.21x faster than v3 where it is not (run 5).
-DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v4")
+# import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
+# cache; graph replay == eager; docs/perf/cute.md, runs 3-9); v3 and v4 on an H200 too.
+DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v5")
 if DEFAULT_VARIANT not in VARIANTS:  # the plugin loader reports this and skips the plugin
     raise ValueError(f"TOKENSPEED_CUTE_MLA_VARIANT={DEFAULT_VARIANT!r}: expected one of {sorted(VARIANTS)}")
 # Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
-# every row of its class (None: nowhere). v3 and v4 beat Triton on every measured row (H100 and
-# H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.1x).
+# every row of its class (None: nowhere). v3, v4 and v5 beat Triton on every measured row (H100
+# and H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.4x).
 WINS_FROM_ROWS = {"v3": 1, "v4": 1, "v5": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 # sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
@@ -189,7 +195,7 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
 
         kernel = MlaDecodeSplitKVRowsOnM(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
                                          kv_dtype=kv_dt, **VARIANTS[variant])
-    elif variant == "v5" and kv_dt == dt:
+    elif variant == "v5" and m > SEESAW_FROM_ROWS and kv_dt == dt:
         from .mla_decode_kernel_v5 import MlaDecodeSplitKVSeesaw
 
         kernel = MlaDecodeSplitKVSeesaw(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
@@ -325,7 +331,8 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 
 # -- registration --------------------------------------------------------------------------------
 _KERNEL_DESC = {"v3": "wgmma, one S per CTA, 2-stage cp.async",
-                "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3"}
+                "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3",
+                "v5": "v4; two KV tiles per step with see-saw PV where H x q_len > 64 (16-bit cache)"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
     f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")

@@ -1,35 +1,44 @@
-"""CuTe DSL MLA decode, v5 for sm_90a and >= 64 folded rows: two KV tiles per step, see-saw.
+"""CuTe DSL MLA decode, v5 for sm_90a and > 64 folded rows: two KV tiles per step, see-saw.
 
 Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
 installed). Same interface, split-KV scheme and combine as v3/v4. Where v3 is slow (the rows with
-64+ folded query rows, which are compute-bound from 128: 44-57% of the GEMM rate, docs/perf/cute.md
-runs 3-8) it had two costs: each warpgroup's m64 n32 half of S reads Q from smem once per 32 KV
-rows (more smem bandwidth than the SM has at the full tensor rate), and the softmax ran with the
-tensor cores idle. v5 is the schedule FlashMLA's sm_90 kernel made known (its design, our code;
-docs/cute.md, "v5"):
+more than 64 folded query rows, compute-bound: 44-57% of the GEMM rate, docs/perf/cute.md runs
+3-8) it had two costs: each warpgroup's m64 n32 half of S reads Q from smem once per 32 KV rows,
+and the softmax ran with the tensor cores idle. v5 is the schedule FlashMLA's sm_90 kernel made
+known (its design, our code; docs/cute.md, "v5"):
 
 - A step takes two 64-row KV tiles, K0 and K1. Warpgroup 0 computes the whole S0 = Q K0^T (m64
-  n64, 36 k-steps), warpgroup 1 the whole S1 = Q K1^T, each from its own tile; both accumulate O
-  over their half of Dv (O_L: warpgroup 0, O_R: warpgroup 1; 64 x 256 fp32 each).
-- The see-saw: WG0 does the softmax of S0 (running max ``m0``), publishes ``m0`` and its O scale,
-  and runs O_L += P0 V0_L with P0 in registers, while WG1 takes ``m1 = max(m0, rowmax S1)`` and
-  runs O_R += P1 V1_R. Then each needs the other's P for its own half of Dv: WG0 writes P0
-  (rescaled to ``m1``) to smem, WG1 writes P1, and O_L += P1 V1_L, O_R += P0 V0_R. So one
-  warpgroup's softmax overlaps the other's MMAs, and every S is an n64 product (Q read from smem
-  once per 64 KV rows).
+  n64, 36 k-steps), warpgroup 1 the whole S1 = Q K1^T; both accumulate O over their half of Dv
+  (O_L: warpgroup 0, O_R: warpgroup 1; 64 x 256 fp32 each). Both S of the next step are computed
+  at the end of a step, side by side.
+- The see-saw: WG0 does the softmax of S0 (running max ``m0``, shared in smem) and runs
+  O_L += P0 V0_L with P0 in registers; WG1 takes ``m1 = max(m0, rowmax S1)`` and runs
+  O_R += P1 V1_R. Each then needs the other's P for its own half of Dv: WG0 writes P0 rescaled to
+  ``m1`` to smem, WG1 writes P1, and O_L += P1 V1_L, O_R += P0 V0_R. One warpgroup's softmax
+  overlaps the other's MMAs, and every S is an n64 product.
 - Loads: cp.async issued by the warpgroup that frees the columns, completion tracked by an
-  mbarrier per (tile slot, column group) (``cp.async.mbarrier.arrive.noinc``). Columns free at
-  different times: in K0, columns 0-255 (V0_L) once WG0's first PV is done, 256-575 once WG1's
-  O_R += P0 V0_R is; in K1, 256-511 (V1_R) after WG1's first PV, the rest after WG0's second. The
-  next S is computed in that order (WG0: columns 0-255 first; WG1: 256-511 first), so it starts
-  on the columns that arrived first.
+  mbarrier per (tile slot, column group) (``cp.async.mbarrier.arrive.noinc``): in K0, columns
+  0-255 (V0_L) free once WG0's first PV is done, 256-575 once WG1's O_R += P0 V0_R is; in K1,
+  256-511 (V1_R) after WG1's first PV, the rest after WG0's second. The next S is computed in
+  that order (WG0: columns 0-255 first; WG1: 256-511 first), so it starts on what landed first.
+- Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
+  before its use; one thread issues an L2 prefetch (``cp.async.bulk.prefetch.L2``) of the tiles
+  two steps ahead, and the loads find them in L2. Worth it only where several CTAs (m-blocks)
+  share the tiles: at 64 rows the 132 CTAs' prefetched tiles pushed each other out of L2
+  (1.2-1.3x slower), which is why v5 runs this kernel from 65 rows only (run 9).
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
-  that tile's S is computed: Q (72 KB) + two tiles (144 KB) is all the smem (~217 KB).
+  that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
   NaN): their scores are masked, and the V columns a warpgroup reads are zeroed in smem before its
   PV (0 x NaN is NaN).
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
+
+Status: the default for > 64 folded rows with a 16-bit cache. Full conformance grid on an H100
+(49 pass, 24 skipped by ``supports``; graph replay == eager); B 64, q_len 4, H 128, 16K: 2224.5
+µs, 65.5% of the GEMM rate, 1.25x v3's speed (docs/perf/cute.md, run 9). A second schedule (WG1
+computing its S inside the step, P0 published unscaled) was measured 1.02-1.17x slower and
+dropped (run 9).
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+from cutlass.cutlass_dsl import dsl_user_op
 
 from .mla_decode_combine import QUAD, xor_max, xor_sum
 from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _mn_view_sm90
@@ -53,6 +64,23 @@ BAR_SCALE0, BAR_SCALE1, BAR_P0, BAR_P1, BAR_WG = 1, 2, 3, 4, 5
 K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # loaded by WG0, by WG1
 K1_EARLY, K1_LATE = (4, 5, 6, 7), (0, 1, 2, 3, 8)  # loaded by WG1, by WG0
 ROPE_CHUNK = 8
+
+
+@dsl_user_op
+def prefetch_l2(addr, nbytes: int, *, loc=None, ip=None):
+    """``cp.async.bulk.prefetch.L2``: start pulling ``nbytes`` (a multiple of 16) at the 16-byte
+    aligned global address ``addr`` into L2; no registers, no completion to wait for."""
+    llvm.inline_asm(
+        None,
+        [cutlass.Int64(addr).ir_value(loc=loc, ip=ip), cutlass.Int32(nbytes).ir_value(loc=loc, ip=ip)],
+        "cp.async.bulk.prefetch.L2.global [$0], $1;",
+        "l,r",
+        has_side_effects=True,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
 
 
 class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
@@ -150,6 +178,19 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             dst = thr_copy.partition_D(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])))
             cute.copy(chunk_copy, src, dst)
         cute.arch.cp_async_mbarrier_arrive_noinc(mbar)
+
+    @cute.jit
+    def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
+        """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
+        contiguous cache rows. Issued two steps ahead, so the cp.async loads of the step before
+        their use find them in L2 instead of waiting on HBM (only 2 tiles of smem per CTA)."""
+        for j in cutlass.range_constexpr(2):
+            if tile + j < t_end:
+                pos0 = (tile + j) * self.block_n
+                page = mPageTable[b, pos0 // self.page_size]
+                cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
+                gKV = cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
+                prefetch_l2(gKV.iterator.toint(), self.block_n * self.D * mKV.element_type.width // 8)
 
     @cute.jit
     def qk_chunks(self, mma_qk, acc_S, tSrQ, tSrK, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
@@ -357,8 +398,12 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             if t_begin + 1 < t_end:
                 self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
 
+        if tidx == 0:
+            self.prefetch_tiles(mKV, mPageTable, b, t_begin + 2, t_end)
         for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
             t1 = t0 + 1
+            if tidx == 0:
+                self.prefetch_tiles(mKV, mPageTable, b, t0 + 4, t_end)
             has1 = t1 < t_end
             next_phase = ((t0 - t_begin) // 2 + 1) % 2
             if wg == 0:
@@ -429,9 +474,10 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
                 self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                 self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
-                warpgroup.wait_group(0)
+                warpgroup.wait_group(1)  # O_R += P1 V1_R done (when issued)
                 if t0 + 3 < t_end:
                     self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
+                warpgroup.wait_group(0)
                 if t0 + 2 < t_end:
                     self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
                 # (d) the next step's S1
