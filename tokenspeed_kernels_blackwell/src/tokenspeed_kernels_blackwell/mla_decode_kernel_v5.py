@@ -240,19 +240,26 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             cute.arch.barrier(barrier_id=BAR_WG + wg, number_of_threads=128)
 
     @cute.jit
-    def mask_scale_max(self, acc_S_mn, tScS_mn, row_limit, pos0, scale_log2, tile_max):
-        """Scores -> log2 domain with the causal-by-position mask (-inf), and the row maxima."""
+    def mask_scale_max(self, acc_S_mn, tScS_mn, row_limit, pos0, n, scale_log2, tile_max):
+        """Scores -> log2 domain with the causal-by-position mask (-inf), and the row maxima.
+        Only a tile past the first query token's last position (n - q_len) holds masked
+        positions; the others are just scaled (a branch uniform over the CTA)."""
+        if pos0 + self.block_n - 1 > n - self.Q:
+            for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
+                for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
+                    if pos0 + tScS_mn[0, c][1] > row_limit[r]:
+                        acc_S_mn[r, c] = -cutlass.Float32.inf
+                    else:
+                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
+        else:
+            for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
+                acc_S_mn[r, None] = acc_S_mn[r, None].load() * scale_log2
         for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
-            for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
-                if pos0 + tScS_mn[0, c][1] > row_limit[r]:
-                    acc_S_mn[r, c] = -cutlass.Float32.inf
-                else:
-                    acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
             tile_max[r] = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0),
                                   QUAD)
 
     @cute.jit
-    def softmax_rows(self, acc_S_mn, tile_max, rows, sM, sScale, which: cutlass.Constexpr, wg_tidx, lane):
+    def softmax_rows(self, acc_S_mn, tile_max, rows, sM, sScale, which: cutlass.Constexpr, lane):
         """Online-softmax step of one warpgroup's S against the shared running max ``sM``:
         m_new = max(sM, tile max), the factor for older values exp2(sM - m_new) goes to
         ``sScale[:, which]`` and is returned per row; S becomes P = exp2(S - m_new)."""
@@ -269,6 +276,14 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 sScale[rows[r], which] = factor[r]
             acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new[r], fastmath=True)
         return factor
+
+    @cute.jit
+    def scale_o(self, acc_O_mn, f0, f1):
+        """O rows *= their factor (this thread's two rows); skipped by a warp none of whose rows
+        changed its max (after the first tiles, most steps: 128 multiplies saved)."""
+        if not cute.arch.vote_all_sync((f0 == 1.0) & (f1 == 1.0)):
+            acc_O_mn[0, None] = acc_O_mn[0, None].load() * f0
+            acc_O_mn[1, None] = acc_O_mn[1, None].load() * f1
 
     @cute.kernel
     def attention_kernel_v5(
@@ -408,13 +423,14 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             next_phase = ((t0 - t_begin) // 2 + 1) % 2
             if wg == 0:
                 # (a) softmax of S0 against the running max; O_L and its row sums follow it
-                self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, scale_log2, tile_max)
-                scale0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, wg_tidx, lane)
+                self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
+                scale0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
+                # m0 and the factor are published: WG1's softmax need not wait for O_L's scaling
+                cute.arch.barrier_arrive(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
                 for r in cutlass.range_constexpr(2):
                     row_sum[r] = row_sum[r] * scale0[r] + acc_S_mn[r, None].load().reduce(
                         cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * scale0[r]
-                cute.arch.barrier_arrive(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
+                self.scale_o(acc_O_mn, scale0[0], scale0[1])
                 # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
                 rP.store(acc_S.load().to(self.dtype))
                 self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
@@ -435,7 +451,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 # (d) O_L to WG1's max, then O_L += P1 V1_L; then K1's columns 0-255 and 512-575 are free
                 for r in cutlass.range_constexpr(2):
                     row_sum[r] = row_sum[r] * tile_max[r]
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * tile_max[r]
+                self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
                 if has1:
                     cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
                     self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
@@ -450,17 +466,17 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 # (a) softmax of S1 against WG0's new max; O_R follows both steps' factors
                 cute.arch.barrier(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
                 if has1:
-                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, scale_log2, tile_max)
+                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
                 else:
                     tile_max.fill(-cutlass.Float32.inf)
                     acc_S.fill(-cutlass.Float32.inf)
-                scale1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, wg_tidx, lane)
-                for r in cutlass.range_constexpr(2):
-                    f = scale1[r] * sScale[rows[r], 0]
-                    row_sum[r] = row_sum[r] * f + acc_S_mn[r, None].load().reduce(
-                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * f
+                scale1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
                 cute.arch.barrier_arrive(barrier_id=BAR_SCALE1, number_of_threads=NUM_THREADS)
+                for r in cutlass.range_constexpr(2):
+                    scale1[r] = scale1[r] * sScale[rows[r], 0]
+                    row_sum[r] = row_sum[r] * scale1[r] + acc_S_mn[r, None].load().reduce(
+                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                self.scale_o(acc_O_mn, scale1[0], scale1[1])
                 # (b) P1 -> smem for WG0; O_R += P1 V1_R from registers
                 if has1:
                     rP.store(acc_S.load().to(self.dtype))
