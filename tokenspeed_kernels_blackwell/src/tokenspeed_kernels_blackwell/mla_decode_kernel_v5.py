@@ -11,16 +11,20 @@ known (its design, our code; docs/cute.md, "v5"):
   n64, 36 k-steps), warpgroup 1 the whole S1 = Q K1^T; both accumulate O over their half of Dv
   (O_L: warpgroup 0, O_R: warpgroup 1; 64 x 256 fp32 each). Both S of the next step are computed
   at the end of a step, side by side.
-- The see-saw: WG0 does the softmax of S0 (running max ``m0``, shared in smem) and runs
-  O_L += P0 V0_L with P0 in registers; WG1 takes ``m1 = max(m0, rowmax S1)`` and runs
-  O_R += P1 V1_R. Each then needs the other's P for its own half of Dv: WG0 writes P0 rescaled to
-  ``m1`` to smem, WG1 writes P1, and O_L += P1 V1_L, O_R += P0 V0_R. One warpgroup's softmax
-  overlaps the other's MMAs, and every S is an n64 product.
+- The see-saw: WG0 does the softmax of S0 against the running max (shared in smem) -> ``m0``,
+  writes P0 to smem at once and runs O_L += P0 V0_L from registers. WG1 first brings O_R to
+  ``m0`` and runs O_R += P0 V0_R, and under that MMA does the softmax of S1 -> ``m1 = max(m0,
+  rowmax S1)``, writes P1 to smem, brings O_R to ``m1`` and runs O_R += P1 V1_R from registers;
+  WG0 brings O_L to ``m1`` and runs O_L += P1 V1_L. One warpgroup's softmax overlaps the other's
+  MMAs, every S is an n64 product, and the columns of K0 that WG1 reads (256-575) are free early
+  in the step, so the next K0 is loaded under this step's remaining work (run 10d: 1.05-1.28x
+  faster than handing P0 over after WG1's softmax, as FlashMLA does).
 - Loads: cp.async issued by the warpgroup that frees the columns, completion tracked by an
   mbarrier per (tile slot, column group) (``cp.async.mbarrier.arrive.noinc``): in K0, columns
   0-255 (V0_L) free once WG0's first PV is done, 256-575 once WG1's O_R += P0 V0_R is; in K1,
-  256-511 (V1_R) after WG1's first PV, the rest after WG0's second. The next S is computed in
-  that order (WG0: columns 0-255 first; WG1: 256-511 first), so it starts on what landed first.
+  256-511 (V1_R) after WG1's second PV, the rest after WG0's. The next S is computed in that
+  order (WG0: columns 0-255 first; WG1: 256-511 first). (One mbarrier per 64-column chunk was
+  no faster: run 10b.)
 - Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
   before its use; one thread issues an L2 prefetch (``cp.async.bulk.prefetch.L2``) of the tiles
   two steps ahead, and the loads find them in L2. Worth it only where several CTAs (m-blocks)
@@ -35,10 +39,10 @@ known (its design, our code; docs/cute.md, "v5"):
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
 Status: the default for > 64 folded rows with a 16-bit cache. Full conformance grid on an H100
-(49 pass, 24 skipped by ``supports``; graph replay == eager); B 64, q_len 4, H 128, 16K: 2224.5
-µs, 65.5% of the GEMM rate, 1.25x v3's speed (docs/perf/cute.md, run 9). A second schedule (WG1
-computing its S inside the step, P0 published unscaled) was measured 1.02-1.17x slower and
-dropped (run 9).
+(49 pass, 24 skipped by ``supports``; graph replay == eager); B 64, q_len 4, H 128, 16K: 1992-2103
+µs, 70-74% of the GEMM rate, 1.12-1.18x FlashMLA's time (docs/perf/cute.md, runs 9-10). Dropped
+after measuring: WG1 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run
+9) and per-chunk mbarriers (run 10).
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _
 
 CHUNK = 64  # columns of one k-group (one 64-column SW128 atom column; 8 KB of a 64-row tile)
 MAX_INIT = -1.0e30  # running max before any score (finite: see the module docstring)
-# Named barriers (id 0 is __syncthreads): WG0 -> WG1 "m0 and scale0 published", WG1 -> WG0 "m1 and
-# scale1 published", WG0 -> WG1 "P0 in smem", WG1 -> WG0 "P1 in smem"; one per warpgroup for
-# its own smem writes (zeroed V rows) before its wgmma.
-BAR_SCALE0, BAR_SCALE1, BAR_P0, BAR_P1, BAR_WG = 1, 2, 3, 4, 5
+# Named barriers (id 0 is __syncthreads): WG0 -> WG1 "P0, m0 and its factor in smem", WG1 -> WG0
+# "P1, m1 and its factor in smem"; then one per warpgroup (BAR_WG + wg) for its own smem writes
+# (zeroed V rows) before its wgmma.
+BAR_P0, BAR_P1, BAR_WG = 1, 2, 3
 # Column groups per tile slot, in chunk numbers (chunk 8 = the rope columns, where P goes), and
 # the warpgroup that loads each (the one whose MMA frees it last).
 K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # loaded by WG0, by WG1
@@ -422,83 +426,76 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             has1 = t1 < t_end
             next_phase = ((t0 - t_begin) // 2 + 1) % 2
             if wg == 0:
-                # (a) softmax of S0 against the running max; O_L and its row sums follow it
+                # (a) softmax of S0 against the running max m1 of the last step -> m0; P0 (max m0)
+                # goes to smem at once, with m0 and the factor: WG1 starts O_R += P0 V0_R with it
                 self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
-                scale0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
-                # m0 and the factor are published: WG1's softmax need not wait for O_L's scaling
-                cute.arch.barrier_arrive(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
-                for r in cutlass.range_constexpr(2):
-                    row_sum[r] = row_sum[r] * scale0[r] + acc_S_mn[r, None].load().reduce(
-                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                self.scale_o(acc_O_mn, scale0[0], scale0[1])
-                # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
-                rP.store(acc_S.load().to(self.dtype))
-                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
-                self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
-                warpgroup.wait_group(0)
-                if t0 + 2 < t_end:
-                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
-                # (c) P0 rescaled to WG1's max -> smem, for O_R += P0 V0_R
-                cute.arch.barrier(barrier_id=BAR_SCALE1, number_of_threads=NUM_THREADS)
-                for r in cutlass.range_constexpr(2):
-                    tile_max[r] = sScale[rows[r], 1]  # scale1
-                    acc_S_mn[r, None] = acc_S_mn[r, None].load() * tile_max[r]
+                fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
                 rP.store(acc_S.load().to(self.dtype))
                 for i in cutlass.range_constexpr(cute.size(rP)):
                     tPsP0[i] = rP[i]
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.barrier_arrive(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
-                # (d) O_L to WG1's max, then O_L += P1 V1_L; then K1's columns 0-255 and 512-575 are free
                 for r in cutlass.range_constexpr(2):
-                    row_sum[r] = row_sum[r] * tile_max[r]
-                self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
+                    row_sum[r] = row_sum[r] * fac0[r] + acc_S_mn[r, None].load().reduce(
+                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                self.scale_o(acc_O_mn, fac0[0], fac0[1])
+                # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
+                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
+                warpgroup.wait_group(0)
+                if t0 + 2 < t_end:
+                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
+                # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free
                 if has1:
                     cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
+                    for r in cutlass.range_constexpr(2):
+                        tile_max[r] = sScale[rows[r], 1]
+                        row_sum[r] = row_sum[r] * tile_max[r]
+                    self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
                     self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                     self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
                     warpgroup.wait_group(0)
                     if t0 + 3 < t_end:
                         self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_LATE, thr_ld, chunk_copy, mbar + 3)
-                # (e) the next step's S0
+                # (d) the next step's S0 (its columns were freed early in this step)
                 if t0 + 2 < t_end:
                     self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, next_phase)
             else:
-                # (a) softmax of S1 against WG0's new max; O_R follows both steps' factors
-                cute.arch.barrier(barrier_id=BAR_SCALE0, number_of_threads=NUM_THREADS)
+                # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
+                cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
+                for r in cutlass.range_constexpr(2):
+                    tile_max[r] = sScale[rows[r], 0]
+                    row_sum[r] = row_sum[r] * tile_max[r]
+                self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
+                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
                 if has1:
                     self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
-                else:
-                    tile_max.fill(-cutlass.Float32.inf)
-                    acc_S.fill(-cutlass.Float32.inf)
-                scale1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
-                cute.arch.barrier_arrive(barrier_id=BAR_SCALE1, number_of_threads=NUM_THREADS)
-                for r in cutlass.range_constexpr(2):
-                    scale1[r] = scale1[r] * sScale[rows[r], 0]
-                    row_sum[r] = row_sum[r] * scale1[r] + acc_S_mn[r, None].load().reduce(
-                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                self.scale_o(acc_O_mn, scale1[0], scale1[1])
-                # (b) P1 -> smem for WG0; O_R += P1 V1_R from registers
-                if has1:
+                    fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
                     rP.store(acc_S.load().to(self.dtype))
                     for i in cutlass.range_constexpr(cute.size(rP)):
                         tPsP1[i] = rP[i]
                     cute.arch.fence_proxy("async.shared", space="cta")
                     cute.arch.barrier_arrive(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
+                    warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
+                    if t0 + 2 < t_end:
+                        self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
+                    # (b) O_R to m1, O_R += P1 V1_R from registers; then K1's 256-511 are free
+                    for r in cutlass.range_constexpr(2):
+                        row_sum[r] = row_sum[r] * fac1[r] + acc_S_mn[r, None].load().reduce(
+                            cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                    self.scale_o(acc_O_mn, fac1[0], fac1[1])
                     self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                     self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
-                # (c) O_R += P0 V0_R, P0 from smem; then K1's 256-511 and K0's 256-575 are free
-                cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
-                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
-                self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
-                warpgroup.wait_group(1)  # O_R += P1 V1_R done (when issued)
-                if t0 + 3 < t_end:
-                    self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
-                warpgroup.wait_group(0)
-                if t0 + 2 < t_end:
-                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
-                # (d) the next step's S1
-                if t0 + 3 < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, next_phase)
+                    warpgroup.wait_group(0)
+                    if t0 + 3 < t_end:
+                        self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
+                    # (c) the next step's S1
+                    if t0 + 3 < t_end:
+                        self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
+                                       next_phase)
+                else:
+                    warpgroup.wait_group(0)
 
         # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
         cute.arch.sync_threads()  # sM final; no cp.async left in flight (every load was waited for)
