@@ -303,6 +303,8 @@ def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
         # column groups land on mbarriers; the warpgroups hand P over through named barriers
         assert "cp.async.mbarrier.arrive.noinc.shared" in split and "mbarrier.try_wait.parity" in split
         assert re.search(r"bar\.arrive\s+1, 256", split) and re.search(r"bar\.arrive\s+2, 256", split)
+        # each warpgroup's P goes to smem with stmatrix (4 x4 instructions per 64 x 64 P)
+        assert split.count("stmatrix.sync.aligned.m8n8.x4.shared.b16") == 2 * 4, shape
         assert "cp.async.bulk.prefetch.L2.global" in split
         assert "fence.proxy.async.shared::cta" in split
         # a split CTA (~217 KB of smem) leaves no room for a combine CTA: no early trigger

@@ -51,7 +51,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass._mlir.dialects import llvm
-from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .mla_decode_combine import QUAD, xor_max, xor_sum
@@ -151,12 +151,16 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             (BLOCK_M, self.dv_half), warpgroup.OperandSource.RMEM,
         )
 
+        # P (16-bit, S's accumulator layout) -> smem: stmatrix, four 8x8 matrices an instruction
+        p_copy = cute.make_tiled_copy_C(
+            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), mma_qk)
+
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v5(
             mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, q_copy, chunk_copy, mma_qk, mma_pv_ss, mma_pv_rs,
+            sQ_layout, sKV_layout, sVt_layout, q_copy, chunk_copy, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
             SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
@@ -304,6 +308,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sVt_layout: cute.ComposedLayout,
         q_copy: cute.TiledCopy,
         chunk_copy: cute.TiledCopy,
+        p_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
         mma_pv_ss: cute.TiledMma,
         mma_pv_rs: cute.TiledMma,
@@ -388,8 +393,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         tOrV1_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt1))
         tOrP0 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP0))  # WG1 reads P0 from smem
         tOrP1 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP1))  # WG0 reads P1 from smem
-        tPsP0 = thr_qk.partition_C(sP0)  # where WG0 writes P0
-        tPsP1 = thr_qk.partition_C(sP1)  # where WG1 writes P1
+        thr_p = p_copy.get_slice(wg_tidx)
+        tPsP0 = thr_p.partition_D(sP0)  # where WG0 writes P0
+        tPsP1 = thr_p.partition_D(sP1)  # where WG1 writes P1
 
         acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BN)), cutlass.Float32)
         acc_S_mn = _mn_view_sm90(acc_S)
@@ -398,6 +404,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         acc_O_mn = _mn_view_sm90(acc_O)
         rP = cute.make_fragment_like(acc_S, self.dtype)
         tOrP_rs = cute.make_tensor(rP.iterator, _acc_as_A_operand_sm90(rP.layout))
+        tPrP = thr_p.retile(rP)
 
         tScS_mn = _mn_view_sm90(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BN))))
         rows = cute.make_rmem_tensor((2,), cutlass.Int32)  # this thread's two rows of S and O
@@ -431,8 +438,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
                 fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
                 rP.store(acc_S.load().to(self.dtype))
-                for i in cutlass.range_constexpr(cute.size(rP)):
-                    tPsP0[i] = rP[i]
+                cute.copy(p_copy, tPrP, tPsP0)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.barrier_arrive(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
                 for r in cutlass.range_constexpr(2):
@@ -473,8 +479,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                     self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
                     fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
                     rP.store(acc_S.load().to(self.dtype))
-                    for i in cutlass.range_constexpr(cute.size(rP)):
-                        tPsP1[i] = rP[i]
+                    cute.copy(p_copy, tPrP, tPsP1)
                     cute.arch.fence_proxy("async.shared", space="cta")
                     cute.arch.barrier_arrive(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
                     warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
