@@ -448,7 +448,7 @@ class OpPlan:
 
     def _checked_params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The spec's own param binding (its errors, its int -> float coercion), then the pins."""
-        params = self.spec._bind_params(kwargs)
+        params = self.spec.bind_params(kwargs)
         for name, value in self._static:
             if type(params[name]) is not type(value) or params[name] != value:
                 raise ArgumentError(

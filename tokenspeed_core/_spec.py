@@ -206,7 +206,7 @@ class OpSpec:
                     self.name, role.name, f"expected device {device} ({device_from}), got {t.device}",
                 )
             tensors[role.name] = t
-        params = self._bind_params(kwargs)
+        params = self.bind_params(kwargs)
         for sym, pname in self.dim_params.items():
             if params.get(pname) is not None:
                 dims.setdefault(sym, params[pname])
@@ -281,7 +281,9 @@ class OpSpec:
                 op, role.name, f"expected a contiguous tensor, got strides {tuple(t.stride())}"
             )
 
-    def _bind_params(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    def bind_params(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The scalar params of a call, checked and coerced as ``bind`` does (also
+        ``OpPlan.run``'s slow path for scalars)."""
         params: dict[str, Any] = {}
         for p in self.params:
             v = kwargs.get(p.name, p.default)
