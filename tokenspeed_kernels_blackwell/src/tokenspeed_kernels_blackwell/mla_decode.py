@@ -88,10 +88,10 @@ def _supports(sig) -> str | None:
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
             "v4": dict(block_n=64, stages=2, combine_unroll=8),
             "v5": dict(block_n=64, stages=2, combine_unroll=8)}
-# The see-saw kernel from this many folded rows up: at 64 rows (one m-block, memory-bound) it was
-# 1-2% slower than v3 without its L2 prefetch and 1.2-1.3x slower with it (the prefetched tiles of
-# 132 CTAs, shared by nobody, push each other out of L2); from 128 rows it was 1.04-1.21x faster
-# (docs/perf/cute.md, run 9).
+# The see-saw kernel from this many folded rows up: at 64 rows (one m-block, memory-bound) it is
+# 1.2-1.3x slower than v3 with its L2 prefetch (the prefetched tiles of 132 CTAs, shared by
+# nobody, push each other out of L2) and exactly as fast without it (run 10f); from 128 rows it
+# is 1.14-1.46x faster (docs/perf/cute.md, run 11).
 SEESAW_FROM_ROWS = 64
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
