@@ -177,10 +177,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         """cp.async of the given 64-column chunks of KV tile ``tile`` (all 64 rows, stale rows past
         the length included) into ``sTile``, by this warpgroup; ``mbar`` completes when they land."""
         BN = self.block_n
-        pos0 = tile * BN
-        page = mPageTable[b, pos0 // self.page_size]
-        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
-        gKV = cute.local_tile(mKV, (BN, self.D), (cache_row0 // BN, 0))
+        gKV = self.tile_in_cache(mKV, mPageTable, b, tile)
         for c in cutlass.range_constexpr(len(chunks)):
             src = thr_copy.partition_S(cute.local_tile(gKV, (BN, CHUNK), (0, chunks[c])))
             dst = thr_copy.partition_D(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])))
@@ -194,11 +191,16 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         their use find them in L2 instead of waiting on HBM (only 2 tiles of smem per CTA)."""
         for j in cutlass.range_constexpr(2):
             if tile + j < t_end:
-                pos0 = (tile + j) * self.block_n
-                page = mPageTable[b, pos0 // self.page_size]
-                cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
-                gKV = cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
+                gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
                 prefetch_l2(gKV.iterator.toint(), self.block_n * self.D * mKV.element_type.width // 8)
+
+    @cute.jit
+    def tile_in_cache(self, mKV, mPageTable, b, tile):
+        """KV tile ``tile`` of request ``b``: block_n contiguous rows of one page of the cache."""
+        pos0 = tile * self.block_n
+        page = mPageTable[b, pos0 // self.page_size]
+        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
+        return cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
 
     @cute.jit
     def qk_chunks(self, mma_qk, acc_S, tSrQ, tSrK, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
