@@ -95,13 +95,13 @@ VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
 SEESAW_FROM_ROWS = 64
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
-# cache; graph replay == eager; docs/perf/cute.md, runs 3-9); v3 and v4 on an H200 too.
+# cache; graph replay == eager; docs/perf/cute.md, runs 3-11); v3 and v4 on an H200 too.
 DEFAULT_VARIANT = os.environ.get("TOKENSPEED_CUTE_MLA_VARIANT", "v5")
 if DEFAULT_VARIANT not in VARIANTS:  # the plugin loader reports this and skips the plugin
     raise ValueError(f"TOKENSPEED_CUTE_MLA_VARIANT={DEFAULT_VARIANT!r}: expected one of {sorted(VARIANTS)}")
 # Per variant: the fewest folded rows (H x q_len) from which it measured faster than Triton on
 # every row of its class (None: nowhere). v3, v4 and v5 beat Triton on every measured row (H100
-# and H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.4x).
+# and H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.8x; run 11).
 WINS_FROM_ROWS = {"v3": 1, "v4": 1, "v5": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
 # sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
