@@ -135,7 +135,7 @@ def test_default_variant_ranks_above_triton_where_it_measured_faster():
     spec = reg.spec("mla_decode")
     sm90 = reg.backend("mla_decode", "cute")
     assert cute_mla.DEFAULT_VARIANT == "v5" and "v5" in sm90.status
-    # v3/v4/v5 beat Triton on every measured row (docs/perf/cute.md, runs 3-9): preferred everywhere
+    # v3/v4/v5 beat Triton on every measured row (docs/perf/cute.md, runs 3-11): preferred everywhere
     for case in [dict(q_len=1, H=16), dict(q_len=2, H=16), dict(q_len=4, H=16), dict(q_len=1, H=128),
                  dict(q_len=1, H=64), dict(q_len=8, H=128)]:
         assert sm90.priority_for(_sig(reg, **case)) == Priority.SPECIALISED, case
@@ -264,7 +264,6 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "griddepcontrol.wait" in combine, variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
         assert "griddepcontrol.launch_dependents" not in text.split(".entry ")[1], variant
-
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
