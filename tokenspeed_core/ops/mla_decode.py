@@ -141,6 +141,9 @@ def grid(size: str) -> list[dict]:
                 dict(B=1, q_len=1, H=128, page_size=64, seqlen=20000, dtype=dtype, ragged=False),
                 dict(B=7, q_len=1, H=128, page_size=64, seqlen=3000, dtype=dtype),
                 dict(B=3, q_len=4, H=32, page_size=64, seqlen=4100, dtype=dtype),
+                # folded rows (q_len x H) not a multiple of the 64-row MMA tile: a padded m-block
+                dict(B=3, q_len=3, H=32, page_size=64, seqlen=1500, dtype=dtype),
+                dict(B=2, q_len=5, H=16, page_size=128, seqlen=2100, dtype=dtype),
                 dict(B=64, q_len=1, H=16, page_size=64, seqlens=[1] * 63 + [4096], dtype=dtype),
             ]
         for q_len in (1, 4, 8):
