@@ -25,6 +25,9 @@ What every kernel shares:
 
 from __future__ import annotations
 
+import cutlass
+import cutlass.cute as cute
+
 from .mla_decode_combine import SplitKVCombine
 
 BLOCK_M = 64  # folded (q_len x heads) rows per CTA (the wgmma M)
@@ -48,6 +51,15 @@ class MlaDecodeSplitKV(SplitKVCombine):
         self.D = head_dim
         self.Dv = head_dim_v
         self.page_size = page_size
+
+    @cute.jit
+    def split_tiles(self, n, split, num_splits, block_n: cutlass.Constexpr):
+        """KV tiles [t_begin, t_end) of split ``split``: an equal share of the request's
+        ceil(n / block_n) tiles, from ``cache_seqlens`` on the device (empty past the last)."""
+        n_tiles = (n + block_n - 1) // block_n
+        per_split = (n_tiles + num_splits - 1) // num_splits
+        t_begin = split * per_split
+        return t_begin, cutlass.min(t_begin + per_split, n_tiles)
 
 
 def softmax_scale_log2(softmax_scale: float, kv_scale: float) -> float:

@@ -175,10 +175,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         dv_part = mv_block % DV_PARTS
 
         n = mSeqlens[b]
-        n_tiles = (n + BLOCK_N - 1) // BLOCK_N
-        per_split = (n_tiles + num_splits - 1) // num_splits
-        t_begin = split * per_split
-        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        t_begin, t_end = self.split_tiles(n, split, num_splits, BLOCK_N)
         row0 = m_block * BLOCK_M
 
         smem = cutlass.utils.SmemAllocator()

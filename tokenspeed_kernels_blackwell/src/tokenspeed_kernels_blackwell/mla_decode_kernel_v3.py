@@ -165,10 +165,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         wg_tidx = tidx % 128
 
         n = mSeqlens[b]
-        n_tiles = (n + BN - 1) // BN
-        per_split = (n_tiles + num_splits - 1) // num_splits
-        t_begin = split * per_split
-        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
         row0 = m_block * BLOCK_M
 
         smem = cutlass.utils.SmemAllocator()

@@ -150,10 +150,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         lane = tidx % 32
 
         n = mSeqlens[b]
-        n_tiles = (n + BN - 1) // BN
-        per_split = (n_tiles + num_splits - 1) // num_splits
-        t_begin = split * per_split
-        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(SharedStorage)

@@ -295,6 +295,33 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             acc_O_mn[0, None] = acc_O_mn[0, None].load() * f0
             acc_O_mn[1, None] = acc_O_mn[1, None].load() * f1
 
+    @cute.jit
+    def share_p(self, acc_S, rP, p_copy, tPrP, tPsP, barrier_id):
+        """P (this warpgroup's softmax output) -> 16-bit -> its smem slot, published to the other
+        warpgroup's tensor-core reads (the named barrier also carries the max and factor)."""
+        rP.store(acc_S.load().to(self.dtype))
+        cute.copy(p_copy, tPrP, tPsP)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier_arrive(barrier_id=barrier_id, number_of_threads=NUM_THREADS)
+
+    @cute.jit
+    def rescale(self, acc_O_mn, row_sum, factor, acc_S_mn):
+        """O rows and their row sums to this warpgroup's new max (``factor`` per row, from its
+        softmax), the row sums taking its new P too."""
+        for r in cutlass.range_constexpr(2):
+            row_sum[r] = row_sum[r] * factor[r] + acc_S_mn[r, None].load().reduce(
+                cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+        self.scale_o(acc_O_mn, factor[0], factor[1])
+
+    @cute.jit
+    def rescale_to_other(self, acc_O_mn, row_sum, factor, sScale, rows, which: cutlass.Constexpr):
+        """O rows and their row sums to the other warpgroup's new max: its factors, published in
+        ``sScale[:, which]``, land in ``factor``."""
+        for r in cutlass.range_constexpr(2):
+            factor[r] = sScale[rows[r], which]
+            row_sum[r] = row_sum[r] * factor[r]
+        self.scale_o(acc_O_mn, factor[0], factor[1])
+
     @cute.kernel
     def attention_kernel_v5(
         self,
@@ -325,10 +352,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         lane = tidx % 32
 
         n = mSeqlens[b]
-        n_tiles = (n + BN - 1) // BN
-        per_split = (n_tiles + num_splits - 1) // num_splits
-        t_begin = split * per_split
-        t_end = cutlass.min(t_begin + per_split, n_tiles)
+        t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
         row0 = m_block * BLOCK_M
 
         smem = cutlass.utils.SmemAllocator()
@@ -439,14 +463,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 # goes to smem at once, with m0 and the factor: WG1 starts O_R += P0 V0_R with it
                 self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
                 fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
-                rP.store(acc_S.load().to(self.dtype))
-                cute.copy(p_copy, tPrP, tPsP0)
-                cute.arch.fence_proxy("async.shared", space="cta")
-                cute.arch.barrier_arrive(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
-                for r in cutlass.range_constexpr(2):
-                    row_sum[r] = row_sum[r] * fac0[r] + acc_S_mn[r, None].load().reduce(
-                        cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                self.scale_o(acc_O_mn, fac0[0], fac0[1])
+                self.share_p(acc_S, rP, p_copy, tPrP, tPsP0, BAR_P0)
+                self.rescale(acc_O_mn, row_sum, fac0, acc_S_mn)
                 # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
                 self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                 self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
@@ -456,10 +474,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free
                 if has1:
                     cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
-                    for r in cutlass.range_constexpr(2):
-                        tile_max[r] = sScale[rows[r], 1]
-                        row_sum[r] = row_sum[r] * tile_max[r]
-                    self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
+                    self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 1)
                     self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                     self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
                     warpgroup.wait_group(0)
@@ -471,34 +486,24 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             else:
                 # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
                 cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
-                for r in cutlass.range_constexpr(2):
-                    tile_max[r] = sScale[rows[r], 0]
-                    row_sum[r] = row_sum[r] * tile_max[r]
-                self.scale_o(acc_O_mn, tile_max[0], tile_max[1])
+                self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 0)
                 self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                 self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
                 if has1:
                     self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
                     fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
-                    rP.store(acc_S.load().to(self.dtype))
-                    cute.copy(p_copy, tPrP, tPsP1)
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    cute.arch.barrier_arrive(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
+                    self.share_p(acc_S, rP, p_copy, tPrP, tPsP1, BAR_P1)
                     warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
                     if t0 + 2 < t_end:
                         self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
                     # (b) O_R to m1, O_R += P1 V1_R from registers; then K1's 256-511 are free
-                    for r in cutlass.range_constexpr(2):
-                        row_sum[r] = row_sum[r] * fac1[r] + acc_S_mn[r, None].load().reduce(
-                            cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                    self.scale_o(acc_O_mn, fac1[0], fac1[1])
+                    self.rescale(acc_O_mn, row_sum, fac1, acc_S_mn)
                     self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                     self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
                     warpgroup.wait_group(0)
                     if t0 + 3 < t_end:
                         self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
-                    # (c) the next step's S1
-                    if t0 + 3 < t_end:
+                        # (c) the next step's S1
                         self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
                                        next_phase)
                 else:
