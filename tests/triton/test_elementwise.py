@@ -64,6 +64,25 @@ def test_rope_in_place(style):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+def test_rope_heads_past_one_block(style):
+    """Dr 128 puts 64 heads in a block: 130 q heads take three programs a token, and 70 k heads
+    two turns of the k loop in the first of them."""
+    args = rope_spec.SPEC.make_inputs(dict(T=3, Hq=130, Hk=70, Dr=128, style=style, dtype=torch.float32),
+                                      torch.Generator().manual_seed(3), CPU)
+    assert rope.launch_config(130, 70, 128)["BLOCK_H"] == 64
+    wide = {n: (t.double() if t.is_floating_point() else t) if isinstance(t, torch.Tensor) else t
+            for n, t in args.items()}
+    q_ref, k_ref = torch.empty_like(wide["q"]), torch.empty_like(wide["k"])
+    rope_spec.reference(**wide, q_out=q_ref, k_out=k_ref)
+    q_out = torch.full_like(args["q"], float("nan"))
+    k_out = torch.full_like(args["k"], float("nan"))
+    rope.rope(**args, q_out=q_out, k_out=k_out)
+    torch.testing.assert_close(q_out.double(), q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_out.double(), k_ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_kv_cache_write_leaves_other_slots_bit_identical(cache_dtype):
     """The kit poisons the cache; here the cache starts pre-filled, as in the engine."""
