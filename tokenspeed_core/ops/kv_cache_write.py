@@ -187,7 +187,10 @@ SPEC = OpSpec(
         "small": [dict(T=64, D=576, page_size=64, pages=4, dtype=torch.float32)],
         "large": [dict(T=8192, D=576, page_size=64, pages=4096, dtype=torch.bfloat16),
                   dict(T=8192, D=576, page_size=64, pages=4096, dtype=torch.bfloat16,
-                       cache_dtype=torch.float8_e4m3fn)],
+                       cache_dtype=torch.float8_e4m3fn)]
+        # a 64K-token prefill chunk written at once
+        + [dict(T=65536, D=576, page_size=64, pages=4096, dtype=torch.bfloat16, cache_dtype=c)
+           for c in (torch.bfloat16, torch.float8_e4m3fn)],
     },
 )
 

@@ -122,7 +122,8 @@ SPEC = OpSpec(
     presets={
         "small": [dict(T=64, N=1024, dtype=torch.float32, residual=True)],
         "large": [dict(T=16384, N=7168, dtype=torch.bfloat16, residual=r) for r in (False, True)]
-        + [dict(T=16384, N=n, dtype=torch.bfloat16) for n in (512, 1536)],
+        + [dict(T=16384, N=n, dtype=torch.bfloat16) for n in (512, 1536)]
+        + [dict(T=131072, N=512, dtype=torch.bfloat16)],  # MLA's kv_a norm over a 128K-token prefill
     },
 )
 
