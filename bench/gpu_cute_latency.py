@@ -25,7 +25,7 @@ from tokenspeed_core.bench import time_calls  # noqa: E402
 
 ROWS = [(1, 1, 16, 16384), (1, 1, 16, 65536), (1, 1, 128, 16384), (1, 1, 128, 65536), (1, 4, 16, 65536)]
 SPLITS = (16, 32, 48, 66, 88, 132, 176, 264)
-OTHER_VARIANTS = ("v3",)  # timed beside the default
+OTHER_VARIANTS = ("v3",)  # timed beside the default (--other-variants)
 
 
 def kernel_times(fn, iters=10):
@@ -85,7 +85,10 @@ def host_overheads(reg, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--other-variants", default=",".join(OTHER_VARIANTS),
+                    help="variants timed beside the default, comma-separated")
     args = ap.parse_args()
+    others = tuple(v for v in args.other_variants.split(",") if v)
     device = torch.device("cuda")
     reg = build_registry()
     from tokenspeed_kernels_blackwell import mla_decode as cm
@@ -108,7 +111,7 @@ def main():
         row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
         row["max_diff_vs_triton"] = round(float((a["out"].float() - ref_out.float()).abs().max()), 4)
         row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
-        for v in OTHER_VARIANTS:
+        for v in others:
             row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
                                               cuda_graph=True).median_us, 1)
             row[f"{v}_kernels"] = kernel_times(lambda: cm.mla_decode(**a, variant=v))
@@ -126,7 +129,9 @@ def main():
             case = dict(B=64, q_len=1, H=16, seqlen=16384, page_size=64, dtype=qdt, cache_dtype=cache_dtype)
             a = bench_inputs(case, device)
             row = dict(q=str(qdt), cache=str(cache_dtype))
-            for v in (cm.DEFAULT_VARIANT,) + OTHER_VARIANTS:
+            for v in (cm.DEFAULT_VARIANT,) + others:
+                if cache_dtype == torch.float8_e4m3fn and v not in cm.FP8_VARIANTS:
+                    continue
                 row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
                                                   cuda_graph=True).median_us, 1)
             row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
@@ -145,7 +150,7 @@ def main():
               f"({r['rule_splits']}) | " + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
     for r in results:
         print(r["H"], r["s_k"], r["q_len"], "kernels:", r["kernels"], "| at 32 splits:", r["kernels_splits_32"])
-        for v in OTHER_VARIANTS:
+        for v in others:
             print("   ", v, r[f"{v}_us"], "µs", r[f"{v}_kernels"])
     print("host µs per eager call (B=1, H=16, 64 tokens: GPU time ~ a few µs):", host)
     print("B=64 q_len=1 H=16 s_k=16384 (µs):")

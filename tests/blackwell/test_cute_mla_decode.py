@@ -180,6 +180,15 @@ SHAPES_V3 = [
     ("bfloat16", 16, 4, 64, "v3", "float8_e4m3fn"), ("float16", 32, 1, 64, "v3", "float8_e4m3fn"),
 ]
 
+def ptx_entries(text: str):
+    """A kernel's PTX entries by role: (split kernel, [combine builds: batched, one-split])."""
+    bodies = text.split(".entry ")[1:]
+    split = [b for b in bodies if "attention_kernel" in b[:160]]
+    combine = sorted((b for b in bodies if "combine_kernel" in b[:160]), key=lambda b: -b.count("ld.global"))
+    assert len(split) == 1 and len(combine) == 2, [b[:80] for b in bodies]
+    return split[0], combine
+
+
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, os, sys, time, torch
     from tokenspeed_kernels_blackwell.mla_decode import compile_kernel
@@ -213,7 +222,7 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
     widths = set()
     for p in ptx:
         text = open(p).read()
-        split = text.split(".entry ")[1]
+        split, combine = ptx_entries(text)
         assert "attention_kernel_v4" in split[:80], p
         mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16[^;]*p, 1,  1, ([01]), ([01]);", split)
         assert mmas, p
@@ -225,7 +234,7 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
         assert sum(1 for _, ta, tb in mmas if (ta, tb) == ("1", "0")) == 8 * 4, p
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
         # the combine may be scheduled once the split loop is done (a combine CTA fits beside)
-        assert "griddepcontrol.launch_dependents" in split and "griddepcontrol.wait" in text.split(".entry ")[2]
+        assert "griddepcontrol.launch_dependents" in split and all("griddepcontrol.wait" in c for c in combine)
     assert widths == {16, 32}  # no padding of the query rows to 64
 
 
@@ -254,16 +263,19 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "fence.proxy.async.shared::cta" in text, p
         # an fp8 cache is staged as fp8 and converted once per tile (e4m3 pairs -> 16-bit)
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
-        # the combine kernel (the second entry): 4 O loads per split x the unroll factor, two
-        # loops over the splits' LSE, weights staged in smem, warp-shuffle reductions
-        combine = text.split(".entry ")[2]
-        unroll = cute_mla.VARIANTS[variant].get("combine_unroll", 1)
-        assert combine.count("ld.global") >= 4 * unroll + 2, (variant, combine.count("ld.global"))
-        assert "shfl.sync.bfly" in combine and "st.shared" in combine, variant
-        # the combine is a programmatic dependent launch: it must wait for the split grid
-        assert "griddepcontrol.wait" in combine, variant
+        # the combine kernel (the second entry): per split one 16-byte O load and one LSE load,
+        # in batches of 1, 2, 4, 8 splits a warp and rounds of `combine_batch`; warps merged
+        # through smem
+        split, (batched, one_split) = ptx_entries(text)
+        loads = 2 + 4 + 8 + cute_mla.VARIANTS[variant]["combine_batch"]
+        for combine, n_loads in ((batched, loads), (one_split, 1)):
+            assert combine.count("ld.global.v4") == n_loads, (variant, combine.count("ld.global.v4"))
+            assert combine.count("ld.global.b32") == n_loads, (variant, combine.count("ld.global.b32"))
+            assert "st.shared" in combine and "bar.sync" in combine, variant
+            # the combine is a programmatic dependent launch: it must wait for the split grid
+            assert "griddepcontrol.wait" in combine, variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
-        assert "griddepcontrol.launch_dependents" not in text.split(".entry ")[1], variant
+        assert "griddepcontrol.launch_dependents" not in split, variant
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
@@ -288,7 +300,7 @@ def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         (p,) = glob.glob(str(d / "*.ptx"))
         text = open(p).read()
-        split = text.split(".entry ")[1]
+        split, _ = ptx_entries(text)
         assert f"attention_kernel_{kernel}" in split[:80], (shape, split[:80])
         if kernel != "v5":
             continue

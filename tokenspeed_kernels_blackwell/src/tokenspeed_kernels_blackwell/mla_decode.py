@@ -27,7 +27,7 @@ PAGE_MULTIPLE = 64  # a KV tile is 64 contiguous rows of one page
 HEAD_DIM, HEAD_DIM_V = 576, 512
 MAX_Q_LEN = 8
 MAX_HEADS = 128
-MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS: the combine stages one weight per split in smem
+MAX_KV_SPLITS = 1024  # = mla_decode_combine.MAX_SPLITS
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 FP8_VARIANTS = ("v3", "v4", "v5")  # the variants with an fp8 e4m3 cache path
@@ -85,9 +85,9 @@ def _supports(sig) -> str | None:
 # step, one whole S per warpgroup and FlashMLA's see-saw PV (mla_decode_kernel_v5.py).
 # Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
 # once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
-VARIANTS = {"v3": dict(block_n=64, stages=2, combine_unroll=8),
-            "v4": dict(block_n=64, stages=2, combine_unroll=8),
-            "v5": dict(block_n=64, stages=2, combine_unroll=8)}
+VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
+            "v4": dict(block_n=64, stages=2, combine_batch=16),
+            "v5": dict(block_n=64, stages=2, combine_batch=16)}
 # The see-saw kernel from this many folded rows up: at 64 rows (one m-block, memory-bound) it is
 # 1.2-1.3x slower than v3 with its L2 prefetch (the prefetched tiles of 132 CTAs, shared by
 # nobody, push each other out of L2) and exactly as fast without it (run 10f); from 128 rows it

@@ -7,12 +7,15 @@ columns and its LSE (natural log; -inf for an empty split, whose O is 0). This k
     out[b, m] = kv_scale * sum_s w_s O_s / sum_s w_s,   w_s = exp(lse_s - max_s lse_s)
     lse[b, m] = max_s lse_s + log(sum_s w_s)            (-inf when every split is empty)
 
-Why it is shaped this way: at b = 1 the split stage runs ~130 splits, and the first combine (one
+Why it is shaped this way: at b = 1 the split stage runs ~130 splits, and a first combine (one
 CTA of 128 threads per row, looping over the splits) cost 18-21 µs on an H100, more than the
-split stage itself (docs/perf/cute.md, run 4). Here one CTA takes (row, request, 128-column
-chunk): 4x the CTAs, the split loop is divided among 4 warps (each lane loads 4 adjacent
-columns of a split: 512 B per warp and split), the weights are computed once per CTA into
-shared memory, and the warps' partial sums are added through shared memory at the end.
+split stage itself (docs/perf/cute.md, run 4). One CTA takes (row, request, 128-column chunk);
+its 4 warps take every 4th split each, a lane 4 adjacent columns (one 16-byte load per split).
+A second version computed the splits' weights block-wide first (max, then weights into shared
+memory, two barriers and two dependent rounds of LSE loads before the first O load). Now each
+warp merges its splits with a running max as they arrive (flash-decoding's online softmax),
+issuing `combine_batch` splits' loads at once, and the warps are merged once at the end: the
+chain is one round of loads per batch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import cutlass.cute as cute
 
 COMBINE_WARPS = 4  # warps per CTA; warp w takes splits w, w + 4, ...
 COMBINE_COLS = 128  # Dv columns per CTA: 32 lanes x 4 adjacent columns
-MAX_SPLITS = 1024  # the launcher never asks for more (weights are staged in shared memory)
+COMBINE_BATCH = 16  # splits per warp whose loads are in flight together (5 x 16 registers)
+MAX_SPLITS = 1024  # the launcher never asks for more (mla_decode.MAX_KV_SPLITS)
 LOG2_E = 1.4426950408889634
 
 
@@ -47,27 +51,73 @@ def xor_sum(v, offsets):
 
 class SplitKVCombine:
     """Mixin of the kernel classes: ``launch_combine`` after the split stage. Needs ``self.dtype``
-    (of ``out``), ``self.M`` (folded rows), ``self.Dv`` and ``self.combine_unroll``."""
+    (of ``out``), ``self.M`` (folded rows), ``self.Dv`` and ``self.combine_batch``."""
 
-    combine_unroll = 1
+    combine_batch = COMBINE_BATCH
 
     @cute.jit
     def launch_combine(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor,
                        mLse: cute.Tensor, kv_scale: cutlass.Float32, stream):
         @cute.struct
         class CombineStorage:
-            weights: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, MAX_SPLITS], 16]
             partial: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS * COMBINE_COLS], 16]
-            reduce: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
+            warp_max: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
+            warp_sum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
 
         batch = mOPart.shape[0]
-        self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage).launch(
-            grid=[self.M, batch, self.Dv // COMBINE_COLS],
-            block=[COMBINE_WARPS * 32, 1, 1],
-            smem=CombineStorage.size_in_bytes(),
-            stream=stream,
-            use_pdl=True,  # programmatic dependent launch: see combine_kernel
-        )
+        grid = [self.M, batch, self.Dv // COMBINE_COLS]
+        # Two builds of the kernel: with at most one split per warp (large batches: the grid
+        # has up to B x M x 4 CTAs of little work each) the 32-register build, so that 16 CTAs
+        # fit on an SM; the batched build needs ~128 registers (4 CTAs an SM), which made those
+        # grids 3-14% slower in total (docs/perf/cute.md, run 12).
+        if mOPart.shape[1] <= COMBINE_WARPS:
+            self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage, False).launch(
+                grid=grid, block=[COMBINE_WARPS * 32, 1, 1], smem=CombineStorage.size_in_bytes(), stream=stream,
+                use_pdl=True)  # programmatic dependent launch: see combine_kernel
+        else:
+            self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage, True).launch(
+                grid=grid, block=[COMBINE_WARPS * 32, 1, 1], smem=CombineStorage.size_in_bytes(), stream=stream,
+                use_pdl=True)
+
+    @cute.jit
+    def merge_splits(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, b, m, s0, warp, vec, acc, run_max,
+                     run_sum, n: cutlass.Constexpr):
+        """Fold splits s0 + u * COMBINE_WARPS + warp (u < n) into this lane's running (max, sum,
+        acc[4]) of one row: all 2n loads are issued before any is used, and no warp waits for
+        another (each keeps its own running max, merged once at the end). Indices past the last
+        split are skipped by a warp-uniform test, which ptxas turns into predicated loads that
+        are still all issued together (clamping them to the last split instead re-read it)."""
+        num_splits = mOPart.shape[1]
+        lses = []
+        vals = []
+        for u in cutlass.range_constexpr(n):
+            s = s0 + u * COMBINE_WARPS + warp
+            lse = -cutlass.Float32.inf  # past the last split: weight 0
+            v = cute.make_rmem_tensor((4,), cutlass.Float32)
+            v.fill(0.0)
+            if s < num_splits:  # warp-uniform
+                lse = mLsePart[b, s, m]
+                cute.autovec_copy(cute.local_tile(mOPart[b, s, m, None], (4,), (vec,)), v)
+            lses.append(lse)
+            vals.append(v)
+        new_max = run_max
+        for u in cutlass.range_constexpr(n):
+            # `+ 0 * O` ties each O load to the max: without a use before the max, ptxas sinks
+            # every O load to just before its FMAs below, one L2 round trip after the other
+            # (seen in the SASS). Partial O values are finite, so the LSE is unchanged.
+            lses[u] = lses[u] + vals[u][0] * 0.0
+            new_max = cute.arch.fmax(new_max, lses[u])
+        base = 0.0 if new_max == -cutlass.Float32.inf else new_max  # every split so far empty: weights 0
+        scale = cute.math.exp2((run_max - base) * LOG2_E, fastmath=True)
+        run_sum = run_sum * scale
+        for j in cutlass.range_constexpr(4):
+            acc[j] = acc[j] * scale
+        for u in cutlass.range_constexpr(n):
+            w = cute.math.exp2((lses[u] - base) * LOG2_E, fastmath=True)
+            run_sum = run_sum + w
+            for j in cutlass.range_constexpr(4):
+                acc[j] = acc[j] + w * vals[u][j]
+        return new_max, run_sum
 
     @cute.kernel
     def combine_kernel(
@@ -78,8 +128,8 @@ class SplitKVCombine:
         mLse: cute.Tensor,
         kv_scale: cutlass.Float32,
         CombineStorage: cutlass.Constexpr,
+        batched: cutlass.Constexpr,
     ):
-        nthr = COMBINE_WARPS * 32
         tidx, _, _ = cute.arch.thread_idx()
         m, b, chunk = cute.arch.block_idx()
         warp = tidx // 32
@@ -94,73 +144,56 @@ class SplitKVCombine:
         cute.arch.griddepcontrol_wait()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(CombineStorage)
-        sW = storage.weights.get_tensor(cute.make_layout((MAX_SPLITS,)))
         sPart = storage.partial.get_tensor(cute.make_layout((COMBINE_WARPS, COMBINE_COLS), stride=(COMBINE_COLS, 1)))
-        sRed = storage.reduce.get_tensor(cute.make_layout((COMBINE_WARPS,)))
+        sMax = storage.warp_max.get_tensor(cute.make_layout((COMBINE_WARPS,)))
+        sSum = storage.warp_sum.get_tensor(cute.make_layout((COMBINE_WARPS,)))
 
-        # ---- the largest split LSE (block-wide) ----
-        lse_max = -cutlass.Float32.inf
-        for s in cutlass.range(tidx, num_splits, nthr, unroll=1):
-            lse_max = cute.arch.fmax(lse_max, mLsePart[b, s, m])
-        lse_max = xor_max(lse_max, WARP)
-        if lane == 0:
-            sRed[warp] = lse_max
-        cute.arch.sync_threads()
-        for w in cutlass.range_constexpr(COMBINE_WARPS):
-            lse_max = cute.arch.fmax(lse_max, sRed[w])
-        safe = 0.0 if lse_max == -cutlass.Float32.inf else lse_max
-        cute.arch.sync_threads()  # everyone has read sRed before it is reused
-
-        # ---- each split's weight, once, into shared memory; their sum (block-wide) ----
-        w_sum = cutlass.Float32(0.0)
-        for s in cutlass.range(tidx, num_splits, nthr, unroll=1):
-            w = cute.math.exp2((mLsePart[b, s, m] - safe) * LOG2_E, fastmath=True)
-            sW[s] = w
-            w_sum = w_sum + w
-        w_sum = xor_sum(w_sum, WARP)
-        if lane == 0:
-            sRed[warp] = w_sum
-        cute.arch.sync_threads()
-        total = cutlass.Float32(0.0)
-        for w in cutlass.range_constexpr(COMBINE_WARPS):
-            total = total + sRed[w]
-
-        # ---- this warp's splits: weighted sum of 4 adjacent columns per lane ----
-        # Whole blocks of `unroll` splits per warp first, with no branch inside a block, so all
-        # their loads are in flight at once (an unrolled loop with a dynamic trip count branches
-        # out after every split instead, and each load waits for the one before it: 8.5 µs at
-        # 128 splits on an H200); then the remaining < 4 x unroll splits one by one. (Padding
-        # the last block with re-reads of the last split instead cost large batches with 1-2
-        # splits 8% of the whole decode: 8 loads per lane for 1 split.)
-        unroll = self.combine_unroll
-        step = COMBINE_WARPS * unroll
-        full = (num_splits // step) * step
-        col0 = chunk * COMBINE_COLS + lane * 4
+        # ---- each warp: an online softmax merge over its splits (w, w + 4, ...) ----
+        # Lane l holds columns 4l..4l+3 of this CTA's 128 (one 16-byte load per split). The
+        # latency chain is one round of loads per `combine_batch` splits of a warp.
+        vec = chunk * (COMBINE_COLS // 4) + lane
         acc = cute.make_rmem_tensor((4,), cutlass.Float32)
         acc.fill(0.0)
-        for s0 in cutlass.range(0, full, step, unroll=1):
-            for u in cutlass.range_constexpr(unroll):
-                s = s0 + u * COMBINE_WARPS + warp
-                w = sW[s]
-                for j in cutlass.range_constexpr(4):
-                    acc[j] = acc[j] + w * mOPart[b, s, m, col0 + j]
-        for s in cutlass.range(full + warp, num_splits, COMBINE_WARPS, unroll=1):
-            w = sW[s]
-            for j in cutlass.range_constexpr(4):
-                acc[j] = acc[j] + w * mOPart[b, s, m, col0 + j]
+        run_max = -cutlass.Float32.inf
+        run_sum = cutlass.Float32(0.0)
+        # A request's splits in one batch of the fewest loads that covers them (1, 2, 4 or 8
+        # per warp: no more than 2x the loads needed), else rounds of `combine_batch`.
+        if cutlass.const_expr(not batched):  # launched only where num_splits <= COMBINE_WARPS
+            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 1)
+        elif num_splits <= 2 * COMBINE_WARPS:
+            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 2)
+        elif num_splits <= 4 * COMBINE_WARPS:
+            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 4)
+        elif num_splits <= 8 * COMBINE_WARPS:
+            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 8)
+        else:
+            step = COMBINE_WARPS * self.combine_batch
+            for s0 in cutlass.range(0, num_splits, step, unroll=1):
+                run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, s0, warp, vec, acc, run_max,
+                                                     run_sum, self.combine_batch)
         for j in cutlass.range_constexpr(4):
             sPart[warp, lane * 4 + j] = acc[j]
+        if lane == 0:
+            sMax[warp] = run_max
+            sSum[warp] = run_sum
         cute.arch.sync_threads()
 
-        # ---- add the warps' sums: thread t owns column t of the chunk ----
+        # ---- merge the warps: thread t owns column t of the chunk ----
+        row_max = sMax[0]
+        for w in cutlass.range_constexpr(1, COMBINE_WARPS):
+            row_max = cute.arch.fmax(row_max, sMax[w])
+        base = 0.0 if row_max == -cutlass.Float32.inf else row_max
         v = cutlass.Float32(0.0)
+        total = cutlass.Float32(0.0)
         for w in cutlass.range_constexpr(COMBINE_WARPS):
-            v = v + sPart[w, tidx]
+            f = cute.math.exp2((sMax[w] - base) * LOG2_E, fastmath=True)
+            v = v + f * sPart[w, tidx]
+            total = total + f * sSum[w]
         inv = 0.0 if total == 0.0 else kv_scale / total
         mOut[b, m, chunk * COMBINE_COLS + tidx] = (v * inv).to(self.dtype)
         if chunk == 0:
             if tidx == 0:
-                mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else safe + cute.math.log(total)
+                mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
 
 
 __all__ = ["COLUMN", "COMBINE_COLS", "MAX_SPLITS", "QUAD", "SplitKVCombine", "WARP", "xor_max", "xor_sum"]

@@ -58,7 +58,7 @@ DV_PARTS = 2  # CTAs per (row block, split): each owns Dv / 2 columns of O
 TMEM_COLS = 512  # allocation (power of two >= O + S columns)
 TMEM_O_COL = 0
 O_CHUNK = 32  # columns per tcgen05.ld / st of O (32 registers per thread)
-COMBINE_UNROLL = 8  # loop unroll of the combine stage over splits, as the sm_90a default (v3) uses
+COMBINE_BATCH = 16  # splits per warp in flight in the combine stage, as the sm_90a kernels use
 
 
 def ctas_per_split(m: int) -> int:
@@ -76,7 +76,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=BLOCK_N,
-                         stages=STAGES, combine_unroll=COMBINE_UNROLL)
+                         stages=STAGES, combine_batch=COMBINE_BATCH)
         self.dv_cta = head_dim_v // DV_PARTS
         if self.dv_cta % O_CHUNK or self.dv_cta > 256 or head_dim % 64:
             raise ValueError(f"unsupported head dims D={head_dim} Dv={head_dim_v}")

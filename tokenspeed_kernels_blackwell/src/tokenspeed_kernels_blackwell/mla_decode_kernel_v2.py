@@ -36,9 +36,9 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
     """Tile configuration shared by the wgmma kernels (one shape class, one tile config)."""
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=32, stages=4,
-                 combine_unroll=1):
+                 combine_batch=16):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size)
-        self.combine_unroll = combine_unroll
+        self.combine_batch = combine_batch
         if page_size % block_n or block_n not in (32, 64) or stages < 2:
             raise ValueError(f"unsupported tile config block_n={block_n} stages={stages}")
         self.block_n = block_n

@@ -46,9 +46,9 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
     """v3: 64-row KV tiles, S split by columns between the two warpgroups, P shared in smem."""
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
-                 combine_unroll=1, kv_dtype=None):
+                 combine_batch=16, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n, stages,
-                         combine_unroll)
+                         combine_batch)
         self.half_n = block_n // 2
         # the cache's element type: ``dtype`` (16-bit, the MMAs read the cp.async ring directly)
         # or fp8 e4m3 (staged, then converted into one 16-bit tile per KV tile)

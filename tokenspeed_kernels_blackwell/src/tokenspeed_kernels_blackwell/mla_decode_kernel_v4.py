@@ -42,9 +42,9 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
     """v4: one warpgroup, KV rows on the MMA M axis, query rows on N (M = H x q_len <= 32)."""
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
-                 combine_unroll=1, kv_dtype=None):
+                 combine_batch=16, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, KV_ROWS, stages,
-                         combine_unroll)
+                         combine_batch)
         if self.M > MAX_ROWS_V4:
             raise ValueError(f"v4 takes at most {MAX_ROWS_V4} folded rows, got {self.M}")
         self.N = 16 if self.M <= 16 else 32

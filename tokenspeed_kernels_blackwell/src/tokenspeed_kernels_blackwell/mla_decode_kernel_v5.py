@@ -91,8 +91,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
     """v5: two 64-row KV tiles per step; each warpgroup computes one whole S, see-saw PV."""
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
-                 combine_unroll=1):
-        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, 64, 2, combine_unroll)
+                 combine_batch=16):
+        super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, 64, 2, combine_batch)
         if (head_dim, head_dim_v) != (576, 512):
             raise ValueError("v5 is laid out for D = 576, Dv = 512 (rope columns 512-575 hold P)")
         self.chunks = head_dim // CHUNK
