@@ -27,6 +27,7 @@ KERNEL_MODULES = (
     "silu_and_mul",
     "kv_cache_write",
     "sample",
+    "moe",
 )
 
 
