@@ -41,8 +41,17 @@ import triton.language as tl
 from tokenspeed_core.ops.sample import LOGIT_DTYPES
 
 from ._sample_kernels import (  # noqa: F401  (_row_key & co. re-exported for tests)
-    _exponential, _high_mask, _load_row, _ordered_key, _plain_step, _race_step,
-    _random_bits, _row_key, _row_params, _sample_kernel, _top_p_range,
+    _exponential,
+    _high_mask,
+    _load_row,
+    _ordered_key,
+    _plain_step,
+    _race_step,
+    _random_bits,
+    _row_key,
+    _row_params,
+    _sample_kernel,
+    _top_p_range,
 )
 
 BLOCK_MAX = 1024
