@@ -4,6 +4,8 @@
 
 For each latency row (b = 1, s_k 16K/64K, H 16/128): the time of the registered variant at the
 split count of its rule and at a sweep of forced split counts (CUDA-graph replay, L2 flushed),
+the eager call timed as the anchors were (triton's do_bench, L2 flushed, median), the floor of
+both methods (a kernel that does nothing),
 and the per-kernel GPU time (split kernel vs combine) from torch.profiler, beside Triton.
 Everything goes to $OUT/latency.json; a short table is printed last.
 """
@@ -19,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
 from gpu_cute_mla_decode import bench_inputs, build_registry, log  # noqa: E402
 from tokenspeed_core.bench import time_calls  # noqa: E402
@@ -98,6 +101,11 @@ def main():
     ceil = get_ceilings(device, remeasure=True)
     log(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s")
     triton = reg.backend("mla_decode", "triton")
+    # what each timing method reads for a kernel that does nothing: its floor
+    tiny = torch.zeros(1, device=device)
+    floor = {"graph_us": round(time_calls([tiny.zero_], device, cuda_graph=True).median_us, 1),
+             "do_bench_us": round(1e3 * do_bench(tiny.zero_, return_mode="median"), 1)}
+    log(f"timing floor (one 1-element kernel): {floor}")
     results = []
     for b, ql, h, s in ROWS:
         case = dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16)
@@ -109,6 +117,9 @@ def main():
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         row["rule_splits"] = cm.num_splits_one_wave(b, m_blocks, a["page_table"].shape[1] * 64, sms, 64)
         row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
+        # the anchors' method: triton's do_bench of the eager call, L2 flushed, median
+        row["cute_do_bench_us"] = round(1e3 * do_bench(lambda: cm.mla_decode(**a), return_mode="median"), 1)
+        row["triton_do_bench_us"] = round(1e3 * do_bench(lambda: triton.fn(**a), return_mode="median"), 1)
         row["max_diff_vs_triton"] = round(float((a["out"].float() - ref_out.float()).abs().max()), 4)
         row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
         for v in others:
@@ -142,12 +153,16 @@ def main():
     host = host_overheads(reg, device)
     log(json.dumps(host))
     with open(os.path.join(args.out, "latency.json"), "w") as f:
-        json.dump({"ceilings": ceil.__dict__, "rows": results, "fp8_rows": fp8_rows, "host": host}, f, indent=1)
+        json.dump({"ceilings": ceil.__dict__, "floor": floor, "rows": results, "fp8_rows": fp8_rows, "host": host},
+                  f, indent=1)
     print(f"{torch.cuda.get_device_name(0)} (µs, CUDA-graph replay, L2 flushed)")
-    print("| B | q | H | s_k | triton | cute (rule splits) | " + " | ".join(f"s={s}" for s in SPLITS) + " |")
+    print(f"timing floor (a 1-element kernel): graph {floor['graph_us']} µs, do_bench {floor['do_bench_us']} µs")
+    print("| B | q | H | s_k | triton | cute (rule splits) | triton / cute do_bench | "
+          + " | ".join(f"s={s}" for s in SPLITS) + " |")
     for r in results:
         print(f"| {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | {r['triton_us']} | {r['cute_us']} "
-              f"({r['rule_splits']}) | " + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
+              f"({r['rule_splits']}) | {r['triton_do_bench_us']} / {r['cute_do_bench_us']} | "
+              + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
     for r in results:
         print(r["H"], r["s_k"], r["q_len"], "kernels:", r["kernels"], "| at 32 splits:", r["kernels_splits_32"])
         for v in others:
