@@ -179,7 +179,10 @@ SPEC = OpSpec(
     cost=cost,
     grid=grid,
     presets={"small": [dict(T=16, Dm=256, E=16, Dff=128, top_k=4, n_group=4, topk_group=2,
-                            dtype=torch.float32)]},
+                            dtype=torch.float32)],
+             # DeepSeek-V3's layer (11 GB of bf16 experts): decode batches to a prefill chunk
+             "large": [dict(T=T, Dm=7168, E=256, Dff=2048, top_k=8, n_group=8, topk_group=4, S=1, Dffs=2048,
+                            dtype=torch.bfloat16) for T in (1, 64, 4096)]},
     static_dims=("Dm", "E", "F", "S", "FS"),
     check_values=_check_values,
     case_label=_label,
