@@ -263,7 +263,7 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "fence.proxy.async.shared::cta" in text, p
         # an fp8 cache is staged as fp8 and converted once per tile (e4m3 pairs -> 16-bit)
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
-        # the combine kernel (the second entry): per split one 16-byte O load and one LSE load,
+        # the combine kernel's two builds: per split one 16-byte O load and one LSE load,
         # in batches of 1, 2, 4, 8 splits a warp and rounds of `combine_batch`; warps merged
         # through smem
         split, (batched, one_split) = ptx_entries(text)
