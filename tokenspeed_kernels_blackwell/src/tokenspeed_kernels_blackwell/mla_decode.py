@@ -93,6 +93,9 @@ VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
 # nobody, push each other out of L2) and exactly as fast without it (run 10f); from 128 rows it
 # is 1.14-1.46x faster (docs/perf/cute.md, run 11).
 SEESAW_FROM_ROWS = 64
+# Fewest KV tiles a see-saw split gets where filling the wave would make splits shorter (four
+# 2-tile steps; num_splits_one_wave says why).
+SEESAW_MIN_TILES = 8
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
 # cache; graph replay == eager; docs/perf/cute.md, runs 3-11); v3 and v4 on an H200 too.
@@ -248,20 +251,27 @@ def num_splits_v2(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: i
     return best
 
 
-def num_splits_one_wave(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: int = 64) -> int:
+def num_splits_one_wave(batch: int, m_blocks: int, max_rows: int, sms: int, block_n: int = 64,
+                        min_tiles: int = 1) -> int:
     """KV splits per request for the wgmma variants: ``num_splits_v2``, except that when its CTAs
-    fit in one wave (small batches) the split count is raised to fill the whole wave, and then
-    lowered to the fewest splits with the same tiles per split (every split equally long).
+    fit in one wave (small batches) the split count is raised to fill the whole wave (or half of
+    it, if that keeps ``min_tiles`` tiles a split), and then lowered to the fewest splits with the
+    same tiles per split (every split equally long).
 
     Why: at b = 1 (16K tokens = 256 tiles) v2's rule gave 119 splits of up to 3 tiles (86 busy
     CTAs, the critical path 3 tiles long); 128 splits of exactly 2 tiles shorten it by a third.
+    ``min_tiles``: the see-saw kernel fills and drains a 2-tile step per split, and at b = 1,
+    H 128, 16K its 64 splits of 4 tiles took 39.6-39.7 µs against 36.7-37.1 µs for 32 splits of
+    8, and 47.2 µs for 16 (H100, runs 12 and 12d; at 64K, 16 tiles a split, the wave-filling 64
+    splits stay best). Shorter requests than measured keep at least half the wave busy.
     The combine pays per split, which is why ``MAX_KV_SPLITS`` bounds the count and the combine
     spreads the splits over warps (mla_decode_combine.py). Static shapes only."""
     per_split = max(1, batch * m_blocks)
     tiles = max(1, -(-max_rows // block_n))
     s = num_splits_v2(batch, m_blocks, max_rows, sms, block_n)
-    if per_split * s <= sms:
-        s = max(s, min(sms // per_split, tiles))
+    if per_split * s <= sms:  # one wave: fill it (v2's count never exceeds this)
+        fill = min(sms // per_split, tiles)
+        s = min(fill, max(tiles // min_tiles, fill // 2, 1))
         s = -(-tiles // -(-tiles // s))
     return max(1, min(s, MAX_KV_SPLITS))
 
@@ -272,8 +282,6 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
     """(compiled kernel, splits, folded rows) of one call shape: everything a call derives from
     static shapes, computed once (a decode step repeats the same shapes: its host cost is then
     the two partial-buffer allocations and the launch). Raises on an unusable variant."""
-    from .mla_decode_kernel import BLOCK_M
-
     arch = TARGETS[torch.cuda.get_device_capability(dev_idx)]
     variant = resolve_variant(arch, variant)
     fn = compile_kernel(arch, dtype, heads, q_len, page_size, d, head_dim_v, variant, kv_dtype=kv_dtype)
@@ -284,13 +292,23 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
         splits = int(num_kv_splits)
         if not 1 <= splits <= MAX_KV_SPLITS:
             raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
-    elif variant == SM100_VARIANT:
+    else:
+        splits = split_count(variant, batch, m, max_rows, sms, kv_dtype)
+    return fn, splits, m
+
+
+def split_count(variant: str, batch: int, m: int, max_rows: int, sms: int, kv_dtype) -> int:
+    """The split rule's count for a resolved variant: ``batch`` requests of ``m`` folded rows and
+    up to ``max_rows`` KV rows on ``sms`` SMs."""
+    if variant == SM100_VARIANT:
         from .mla_decode_kernel_sm100 import ctas_per_split  # 128-row blocks x 2 Dv halves
 
-        splits = num_splits_one_wave(batch, ctas_per_split(m), max_rows, sms, SM100_BLOCK_N)
-    else:
-        splits = num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"])
-    return fn, splits, m
+        return num_splits_one_wave(batch, ctas_per_split(m), max_rows, sms, SM100_BLOCK_N)
+    from .mla_decode_kernel import BLOCK_M
+
+    seesaw = variant == "v5" and m > SEESAW_FROM_ROWS and kv_dtype != FP8
+    return num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"],
+                               min_tiles=SEESAW_MIN_TILES if seesaw else 1)
 
 
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
@@ -389,4 +407,4 @@ def make_mla_decode(variant: str):
 
 
 __all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits_v2", "num_splits_one_wave",
-           "register", "shape_classes", "supports", "supports_for", "SM100_VARIANT"]
+           "register", "shape_classes", "split_count", "supports", "supports_for", "SM100_VARIANT"]
