@@ -8,9 +8,10 @@ defines ``compile_targets()`` is compiled here. ``compile_targets()`` returns a 
 
 where ``signature`` maps every argument of ``jit_fn``, in order, to a Triton type ("*bf16",
 "i32", "fp32", ... or "constexpr"), ``constexprs`` gives the constexpr values, and ``options``
-may set ``num_warps`` / ``num_stages`` / ``maxnreg`` (the launch config the module really uses). Pointer
-arguments are compiled as 16-byte aligned, as the JIT does for torch tensors, so the code
-checked is the code that runs (vector loads, async copies).
+may set ``num_warps`` / ``num_stages`` / ``maxnreg`` (the launch config the module really uses)
+and ``divisible``: integer arguments compiled as multiples of 16, as the JIT specialises such
+values (strides, model dims). Pointer arguments are compiled as 16-byte aligned, as the JIT does
+for torch tensors, so the code checked is the code that runs (vector loads, async copies).
 
 A process that imported triton under ``TRITON_INTERPRET=1`` (CI: see conftest.py) holds
 interpreter versions of triton's own library functions and cannot compile, so the compiles run
@@ -62,7 +63,9 @@ def _compile(job: tuple[str, str, int, int]) -> tuple[str, str]:
         entry = importlib.import_module(f"{PACKAGE}.{name}").compile_targets()[index]
         fn, sig, constexprs = entry[:3]
         options = dict(entry[3]) if len(entry) > 3 else {}
-        aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(sig.values()) if ty.startswith("*")}
+        divisible = set(options.get("divisible", ()))
+        aligned = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+                   if ty.startswith("*") or name in divisible}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
         opts = {"num_warps": options.get("num_warps", 4), "num_stages": options.get("num_stages", 3)}
         if options.get("maxnreg"):  # a register cap the module launches with (more programs per SM)
