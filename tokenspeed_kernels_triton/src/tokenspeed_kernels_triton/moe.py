@@ -187,7 +187,7 @@ def compile_targets() -> list[tuple]:
     the JIT specialises a DeepSeek layer: contiguous weights (the K stride 1 is a constant) and
     dims and strides that are multiples of 16 (which is what lets the loads become cp.async)."""
     targets = []
-    for dt in ("*bf16", "*fp16"):
+    for dt, precision in (("*bf16", "tf32"), ("*fp16", "tf32"), ("*fp32", "ieee")):
         up = {"x_ptr": dt, "w_ptr": dt, "h_ptr": dt, "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32",
               "top_k": "i32", "Dm": "i32", "F": "i32", "num_rows": "i32", "stride_xt": "i64", "stride_we": "i64",
               "stride_wn": "i64", "stride_wk": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
@@ -197,7 +197,7 @@ def compile_targets() -> list[tuple]:
                 "stride_we": "i64", "stride_wn": "i64", "stride_wk": "constexpr", "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PRECISION": "constexpr"}
         for bm in (16, 64):
-            c = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, UPCAST=False, PRECISION="tf32", stride_wk=1)
+            c = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, UPCAST=False, PRECISION=precision, stride_wk=1)
             opts = dict(num_warps=4 if bm < 64 else 8, num_stages=3,
                         divisible=("Dm", "F", "stride_xt", "stride_we", "stride_wn"))
             targets += [(moe_up_kernel, up, c, opts), (moe_down_kernel, down, c, opts)]
