@@ -25,14 +25,14 @@ they are not yet tuned on a GPU (docs/perf/README.md).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from tokenspeed_core import Priority
 from tokenspeed_core.ops.moe import route
+
+from .plugin import interpreting
 
 
 @triton.jit
@@ -104,13 +104,9 @@ def moe_down_kernel(h_ptr, w_ptr, acc_ptr, weight_ptr, sorted_rows_ptr, block_ex
                   mask=row_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def tile_config(rows: int, experts: int) -> dict:
     """Block sizes for ``rows`` (token, slot) rows over ``experts`` experts."""
-    if _interpreting():  # small tiles: test shapes cross several blocks of each kind
+    if interpreting():  # small tiles: test shapes cross several blocks of each kind
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     per_expert = rows / max(experts, 1)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
@@ -152,7 +148,7 @@ def _experts(x, ids, weights, w13, w2, acc):
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sorted_rows, block_expert = align_rows(ids, E, bm)
     h = torch.empty((rows, F), dtype=x.dtype, device=x.device)
-    upcast = _interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 math is wrong
+    upcast = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 math is wrong
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     blocks = block_expert.numel()
     moe_up_kernel[(blocks, triton.cdiv(F, bn))](
