@@ -65,7 +65,8 @@ def test_compile_targets_cover_both_kernels():
     assert names == {"moe_up_kernel", "moe_down_kernel"}
 
 
-def test_ranked_below_the_reference_until_run_on_a_gpu(registry):
+def test_rank_follows_the_gpu_verification_flag(registry):
+    """Below the reference while never run on a GPU, at its band since (the flag is False now)."""
     triton_impl, ref = registry.backend("moe", "triton"), registry.backend("moe", "reference")
     assert moe.NOT_YET_ON_GPU == (triton_impl.priority < ref.priority)
     assert "not yet run on a GPU" in triton_impl.status or not moe.NOT_YET_ON_GPU

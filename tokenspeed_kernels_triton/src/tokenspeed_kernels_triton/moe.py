@@ -19,11 +19,14 @@ the float32 accumulator is cast to ``out`` once. Weights are addressed through t
 (never copied). This is vLLM's fused-MoE structure (align, then grouped GEMMs); the gate and up
 halves are two accumulators of one program, so silu * mul is fused in its epilogue.
 
-Tile sizes follow the rows per expert (decode: a handful of tokens per expert, 16-row blocks);
-they are not yet tuned on a GPU (docs/perf/README.md).
+Tile sizes follow the rows per expert (decode: a handful of tokens per expert, 16-row blocks,
+narrow enough to fill the GPU; prefill: 128 x 128); chosen from H100 sweeps in
+docs/perf/triton-moe.md.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -104,13 +107,43 @@ def moe_down_kernel(h_ptr, w_ptr, acc_ptr, weight_ptr, sorted_rows_ptr, block_ex
                   mask=row_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
-def tile_config(rows: int, experts: int) -> dict:
-    """Block sizes for ``rows`` (token, slot) rows over ``experts`` experts."""
+def tile_config(rows: int, experts: int, n_up: int, n_down: int, sms: int) -> dict:
+    """Block sizes for ``rows`` (token, slot) rows over ``experts`` experts; ``n_up`` / ``n_down``
+    are the output widths of the two GEMMs (Dff and Dm), ``sms`` the GPU's SM count.
+
+    Few rows per expert (decode) make both GEMMs weight-streaming: the time is the experts'
+    bytes over the bandwidth the programs can pull, so the output tiles narrow until each launch
+    has at least two programs per SM (T = 1 on DeepSeek-V3: 8 routed blocks x 2048 / 32 = 512
+    programs instead of 128) and long K steps keep bytes in flight. Many rows per expert
+    (prefill) get wide GEMM tiles."""
     if interpreting():  # small tiles: test shapes cross several blocks of each kind
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N_UP=32, BLOCK_N_DOWN=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return gpu_tiles(rows, experts, n_up, n_down, sms)
+
+
+def gpu_tiles(rows: int, experts: int, n_up: int, n_down: int, sms: int) -> dict:
+    """``tile_config`` on a GPU (also what the compile test builds)."""
     per_expert = rows / max(experts, 1)
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=4 if block_m < 64 else 8, num_stages=3)
+    # row blocks that can hold rows: one per touched expert while experts have under a block each
+    blocks = min(experts, rows) if per_expert <= block_m else -(-rows // block_m)
+
+    def block_n(n: int) -> int:
+        for bn in (64, 32):
+            if blocks * -(-n // bn) >= 2 * sms:
+                return bn
+        return 16
+
+    if block_m == 16:
+        # K steps of 128 (256 contiguous bytes of each weight row) at N <= 64: 6% faster than
+        # N 128 / K 64 at T 8 and 64 (H100, docs/perf/triton-moe.md); 4 stages of the up kernel's
+        # x, gate and up tiles are 108 KB of smem at N 64
+        return dict(BLOCK_M=16, BLOCK_N_UP=block_n(n_up), BLOCK_N_DOWN=block_n(n_down), BLOCK_K=128,
+                    num_warps=4, num_stages=4)
+    if per_expert > 96:  # prefill chunks: 128 x 128 tiles, 10-12% faster than 64 x 128 at T 4096 / 16384
+        return dict(BLOCK_M=128, BLOCK_N_UP=128, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N_UP=128, BLOCK_N_DOWN=128, BLOCK_K=64,
+                num_warps=4 if block_m < 64 else 8, num_stages=3)
 
 
 def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
@@ -137,26 +170,32 @@ def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_rows, block_expert
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _experts(x, ids, weights, w13, w2, acc):
     """acc[t] += sum_i weights[t, i] * expert(ids[t, i], x[t]) over the experts of w13 / w2."""
     T, top_k = ids.shape
     E, F2, Dm = w13.shape
     F = F2 // 2
     rows = T * top_k
-    cfg = tile_config(rows, E)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    cfg = tile_config(rows, E, F, Dm, _sm_count(x.device))
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    bn_up, bn_down = cfg["BLOCK_N_UP"], cfg["BLOCK_N_DOWN"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sorted_rows, block_expert = align_rows(ids, E, bm)
     h = torch.empty((rows, F), dtype=x.dtype, device=x.device)
     upcast = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 math is wrong
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     blocks = block_expert.numel()
-    moe_up_kernel[(blocks, triton.cdiv(F, bn))](
+    moe_up_kernel[(blocks, triton.cdiv(F, bn_up))](
         x, w13, h, sorted_rows, block_expert, top_k, Dm, F, rows, x.stride(0), *w13.stride(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
-    moe_down_kernel[(blocks, triton.cdiv(Dm, bn))](
+        BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
+    moe_down_kernel[(blocks, triton.cdiv(Dm, bn_down))](
         h, w2, acc, weights.reshape(-1).float().contiguous(), sorted_rows, block_expert, top_k, Dm, F, rows,
-        *w2.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
+        *w2.stride(), BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
 
 
 def moe(x, router_logits, e_score_correction_bias, w13, w2, ws13, ws2, out, top_k, n_group, topk_group,
@@ -192,18 +231,22 @@ def compile_targets() -> list[tuple]:
                 "block_expert_ptr": "*i32", "top_k": "i32", "Dm": "i32", "F": "i32", "num_rows": "i32",
                 "stride_we": "i64", "stride_wn": "i64", "stride_wk": "constexpr", "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PRECISION": "constexpr"}
-        for bm in (16, 64):
-            c = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, UPCAST=False, PRECISION=precision, stride_wk=1)
-            opts = dict(num_warps=4 if bm < 64 else 8, num_stages=3,
+        # DeepSeek-V3 on an H100: decode (T 1, 8 rows over 256 experts; the shared expert) and a
+        # prefill chunk (T 16384)
+        for rows, experts, f in ((8, 256, 2048), (1, 1, 2048), (131072, 256, 2048)):
+            t = gpu_tiles(rows, experts, f, 7168, 132)
+            opts = dict(num_warps=t["num_warps"], num_stages=t["num_stages"],
                         divisible=("Dm", "F", "stride_xt", "stride_we", "stride_wn"))
-            targets += [(moe_up_kernel, up, c, opts), (moe_down_kernel, down, c, opts)]
+            c = dict(BLOCK_M=t["BLOCK_M"], BLOCK_K=t["BLOCK_K"], UPCAST=False, PRECISION=precision, stride_wk=1)
+            targets += [(moe_up_kernel, up, dict(c, BLOCK_N=t["BLOCK_N_UP"]), opts),
+                        (moe_down_kernel, down, dict(c, BLOCK_N=t["BLOCK_N_DOWN"]), opts)]
     return targets
 
 
-# Not yet run on a GPU (verified under the interpreter and compiled for sm_90 / sm_100 only):
-# ranked just below the torch reference until it has passed the conformance kit on a GPU and
-# been timed there (the issue's "if you can make it pay"); backend="triton" selects it.
-NOT_YET_ON_GPU = True
+# False since its first GPU run (H100, docs/perf/triton-moe.md): the full conformance grid passes
+# there and it is 1.6-10.9x faster than the torch reference. While True (a kernel never run on a
+# GPU), it ranks just below the reference; backend="triton" still selects it.
+NOT_YET_ON_GPU = False
 
 
 def register(registry, common) -> None:
