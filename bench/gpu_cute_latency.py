@@ -113,9 +113,9 @@ def main():
         row = dict(B=b, q_len=ql, H=h, s_k=s, variant=cm.DEFAULT_VARIANT)
         row["triton_us"] = round(time_calls([lambda: triton.fn(**a)], device, cuda_graph=True).median_us, 1)
         ref_out = a["out"].clone()
-        m_blocks = -(-h * ql // 64)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        row["rule_splits"] = cm.num_splits_one_wave(b, m_blocks, a["page_table"].shape[1] * 64, sms, 64)
+        row["rule_splits"] = cm.split_count(cm.DEFAULT_VARIANT, b, h * ql, a["page_table"].shape[1] * 64, sms,
+                                            a["kv_cache"].dtype)
         row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
         # the anchors' method: triton's do_bench of the eager call, L2 flushed, median
         row["cute_do_bench_us"] = round(1e3 * do_bench(lambda: cm.mla_decode(**a), return_mode="median"), 1)
