@@ -29,10 +29,12 @@ def test_conformance_small_grid(registry):
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_float64_reference_over_many_blocks(dtype):
+@pytest.mark.parametrize("shared_width", [24, 40], ids=["shared-own-launch", "shared-in-routed-launch"])
+def test_matches_float64_reference_over_many_blocks(dtype, shared_width):
     """40 tokens x top 6 of 32 experts: experts with 0 to 20+ rows (several 16-row blocks, padded
-    last blocks), Dm and Dff not multiples of the 32-wide tiles, two shared experts."""
-    case = dict(T=40, Dm=72, E=32, Dff=40, top_k=6, n_group=8, topk_group=4, S=2, Dffs=24, dtype=dtype)
+    last blocks), Dm and Dff not multiples of the 32-wide tiles, two shared experts: of another
+    width (their own launches) or of the routed width (experts 32 and 33 of the routed launch)."""
+    case = dict(T=40, Dm=72, E=32, Dff=40, top_k=6, n_group=8, topk_group=4, S=2, Dffs=shared_width, dtype=dtype)
     args = moe_spec.make_inputs(case, torch.Generator().manual_seed(7), torch.device("cpu"))
     wide = {n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and n != "router_logits"
                 and n != "e_score_correction_bias" else v) for n, v in args.items()}

@@ -14,8 +14,9 @@ One call, no host sync (so it can be captured in a CUDA graph):
 4. down: per (row block, Dm tile) ``y = h @ w2[e]^T * weight``, atomically added (float32) into
    the token's accumulator.
 
-The shared experts run the same two kernels with every token routed to each of them at weight 1;
-the float32 accumulator is cast to ``out`` once. Weights are addressed through their strides
+The shared experts are experts E, E + 1, ... of weight 1 that every token is routed to, in the
+same two launches as the routed ones (their own launches when their width differs); the float32
+accumulator is cast to ``out`` once. Weights are addressed through their strides
 (never copied). This is vLLM's fused-MoE structure (align, then grouped GEMMs); the gate and up
 halves are two accumulators of one program, so silu * mul is fused in its epilogue.
 
@@ -39,11 +40,23 @@ from .plugin import interpreting
 
 
 @triton.jit
-def moe_up_kernel(x_ptr, w_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, top_k, Dm, F, num_rows,
-                  stride_xt, stride_we, stride_wn, stride_wk,
+def expert_weights(w_ptr, ws_ptr, e, num_routed, stride_we, stride_wse):
+    """Base of expert ``e``'s weights: routed ``w[e]``, or shared ``ws[e - num_routed]``."""
+    if e < num_routed:
+        base = w_ptr + e.to(tl.int64) * stride_we
+    else:
+        base = ws_ptr + (e - num_routed).to(tl.int64) * stride_wse
+    return base
+
+
+@triton.jit
+def moe_up_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, top_k, Dm, F, num_rows,
+                  num_routed, stride_xt, stride_we, stride_wse, stride_wn, stride_wk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """h[row, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, F + n]) for a block of one expert's rows."""
+    """h[row, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, F + n]) for a block of one expert's rows.
+
+    Experts from ``num_routed`` on are shared experts, ``ws[e - num_routed]`` (same inner strides)."""
     pid_m = tl.program_id(0)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:  # past the last expert's padded run
@@ -53,7 +66,7 @@ def moe_up_kernel(x_ptr, w_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, top_k,
     tok = (rows // top_k).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < F
-    w_e = w_ptr + e.to(tl.int64) * stride_we
+    w_e = expert_weights(w_ptr, ws_ptr, e, num_routed, stride_we, stride_wse)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, Dm, BLOCK_K):
@@ -75,8 +88,8 @@ def moe_up_kernel(x_ptr, w_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, top_k,
 
 
 @triton.jit
-def moe_down_kernel(h_ptr, w_ptr, acc_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, top_k, Dm, F,
-                    num_rows, stride_we, stride_wn, stride_wk,
+def moe_down_kernel(h_ptr, w_ptr, ws_ptr, acc_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, top_k, Dm, F,
+                    num_rows, num_routed, stride_we, stride_wse, stride_wn, stride_wk,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc[tok, n] += weight[row] * (h[row] . w[e, n]) for a block of one expert's rows."""
@@ -88,7 +101,7 @@ def moe_down_kernel(h_ptr, w_ptr, acc_ptr, weight_ptr, sorted_rows_ptr, block_ex
     row_ok = rows < num_rows
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Dm
-    w_e = w_ptr + e.to(tl.int64) * stride_we
+    w_e = expert_weights(w_ptr, ws_ptr, e, num_routed, stride_we, stride_wse)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -175,27 +188,38 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _experts(x, ids, weights, w13, w2, acc):
-    """acc[t] += sum_i weights[t, i] * expert(ids[t, i], x[t]) over the experts of w13 / w2."""
+def _experts(x, ids, weights, w13, w2, acc, ws13=None, ws2=None):
+    """acc[t] += sum_i weights[t, i] * expert(ids[t, i], x[t]); ids below E = w13.shape[0] name
+    routed experts (w13 / w2), ids E + j the shared expert j (ws13 / ws2, same shapes and inner
+    strides), so routed and shared experts run in one launch of each kernel."""
     T, top_k = ids.shape
     E, F2, Dm = w13.shape
     F = F2 // 2
+    if ws13 is None:
+        ws13, ws2 = w13, w2
+    experts = E + (ws13.shape[0] if ws13 is not w13 else 0)
     rows = T * top_k
-    cfg = tile_config(rows, E, F, Dm, _sm_count(x.device))
+    cfg = tile_config(rows, experts, F, Dm, _sm_count(x.device))
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     bn_up, bn_down = cfg["BLOCK_N_UP"], cfg["BLOCK_N_DOWN"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    sorted_rows, block_expert = align_rows(ids, E, bm)
+    sorted_rows, block_expert = align_rows(ids, experts, bm)
     h = torch.empty((rows, F), dtype=x.dtype, device=x.device)
     upcast = interpreting() and x.dtype == torch.bfloat16  # the interpreter's bf16 math is wrong
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
     blocks = block_expert.numel()
     moe_up_kernel[(blocks, triton.cdiv(F, bn_up))](
-        x, w13, h, sorted_rows, block_expert, top_k, Dm, F, rows, x.stride(0), *w13.stride(),
+        x, w13, ws13, h, sorted_rows, block_expert, top_k, Dm, F, rows, E, x.stride(0), w13.stride(0),
+        ws13.stride(0), *w13.stride()[1:],
         BLOCK_M=bm, BLOCK_N=bn_up, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
     moe_down_kernel[(blocks, triton.cdiv(Dm, bn_down))](
-        h, w2, acc, weights.reshape(-1).float().contiguous(), sorted_rows, block_expert, top_k, Dm, F, rows,
-        *w2.stride(), BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
+        h, w2, ws2, acc, weights.reshape(-1).float().contiguous(), sorted_rows, block_expert, top_k, Dm, F, rows,
+        E, w2.stride(0), ws2.stride(0), *w2.stride()[1:],
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, UPCAST=upcast, PRECISION=precision, **launch)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape[1:] == b.shape[1:] and a.stride()[1:] == b.stride()[1:]
 
 
 def moe(x, router_logits, e_score_correction_bias, w13, w2, ws13, ws2, out, top_k, n_group, topk_group,
@@ -209,11 +233,18 @@ def moe(x, router_logits, e_score_correction_bias, w13, w2, ws13, ws2, out, top_
     acc = torch.zeros((T, Dm), dtype=torch.float32, device=x.device)
     ids, weights = route(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
                          routed_scaling_factor, norm_topk_prob)
-    _experts(x, ids, weights, w13, w2, acc)
-    S = ws13.shape[0]
-    if S:
-        shared = torch.arange(S, device=x.device).expand(T, S)
-        _experts(x, shared, torch.ones((T, S), dtype=torch.float32, device=x.device), ws13, ws2, acc)
+    E, S = w13.shape[0], ws13.shape[0]
+    shared_ids = (E + torch.arange(S, device=x.device, dtype=ids.dtype)).expand(T, S)
+    ones = torch.ones((T, S), dtype=torch.float32, device=x.device)
+    if S and _same_layout(w13, ws13) and _same_layout(w2, ws2):
+        # shared experts as experts E.. of weight 1 in the same launches: at T = 1 (DeepSeek-V3)
+        # one launch of 9 experts' programs instead of 8 + 1 with a tail each
+        _experts(x, torch.cat([ids, shared_ids], 1), torch.cat([weights.float(), ones], 1), w13, w2, acc,
+                 ws13, ws2)
+    else:
+        _experts(x, ids, weights, w13, w2, acc)
+        if S:  # another width or layout: their own launches
+            _experts(x, shared_ids - E, ones, ws13, ws2, acc)
     out.copy_(acc)
 
 
@@ -223,20 +254,22 @@ def compile_targets() -> list[tuple]:
     dims and strides that are multiples of 16 (which is what lets the loads become cp.async)."""
     targets = []
     for dt, precision in (("*bf16", "tf32"), ("*fp16", "tf32"), ("*fp32", "ieee")):
-        up = {"x_ptr": dt, "w_ptr": dt, "h_ptr": dt, "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32",
-              "top_k": "i32", "Dm": "i32", "F": "i32", "num_rows": "i32", "stride_xt": "i64", "stride_we": "i64",
-              "stride_wn": "i64", "stride_wk": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        up = {"x_ptr": dt, "w_ptr": dt, "ws_ptr": dt, "h_ptr": dt, "sorted_rows_ptr": "*i32",
+              "block_expert_ptr": "*i32", "top_k": "i32", "Dm": "i32", "F": "i32", "num_rows": "i32",
+              "num_routed": "i32", "stride_xt": "i64", "stride_we": "i64", "stride_wse": "i64", "stride_wn": "i64",
+              "stride_wk": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
               "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PRECISION": "constexpr"}
-        down = {"h_ptr": dt, "w_ptr": dt, "acc_ptr": "*fp32", "weight_ptr": "*fp32", "sorted_rows_ptr": "*i32",
-                "block_expert_ptr": "*i32", "top_k": "i32", "Dm": "i32", "F": "i32", "num_rows": "i32",
-                "stride_we": "i64", "stride_wn": "i64", "stride_wk": "constexpr", "BLOCK_M": "constexpr",
+        down = {"h_ptr": dt, "w_ptr": dt, "ws_ptr": dt, "acc_ptr": "*fp32", "weight_ptr": "*fp32",
+                "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "top_k": "i32", "Dm": "i32", "F": "i32",
+                "num_rows": "i32", "num_routed": "i32", "stride_we": "i64", "stride_wse": "i64", "stride_wn": "i64",
+                "stride_wk": "constexpr", "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "UPCAST": "constexpr", "PRECISION": "constexpr"}
-        # DeepSeek-V3 on an H100: decode (T 1, 8 rows over 256 experts; the shared expert) and a
-        # prefill chunk (T 16384)
-        for rows, experts, f in ((8, 256, 2048), (1, 1, 2048), (131072, 256, 2048)):
+        # DeepSeek-V3 on an H100 (256 routed experts + the shared one): decode (T 1) and a
+        # prefill chunk (T 16384); and a lone shared expert of another width at T 1
+        for rows, experts, f in ((9, 257, 2048), (1, 1, 2048), (147456, 257, 2048)):
             t = gpu_tiles(rows, experts, f, 7168, 132)
             opts = dict(num_warps=t["num_warps"], num_stages=t["num_stages"],
-                        divisible=("Dm", "F", "stride_xt", "stride_we", "stride_wn"))
+                        divisible=("Dm", "F", "stride_xt", "stride_we", "stride_wse", "stride_wn"))
             c = dict(BLOCK_M=t["BLOCK_M"], BLOCK_K=t["BLOCK_K"], UPCAST=False, PRECISION=precision, stride_wk=1)
             targets += [(moe_up_kernel, up, dict(c, BLOCK_N=t["BLOCK_N_UP"]), opts),
                         (moe_down_kernel, down, dict(c, BLOCK_N=t["BLOCK_N_DOWN"]), opts)]
