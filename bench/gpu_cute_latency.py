@@ -90,7 +90,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--other-variants", default=",".join(OTHER_VARIANTS),
                     help="variants timed beside the default, comma-separated")
+    ap.add_argument("--rows", default="", help="rows to study instead of the latency rows: 'B,q,H,s_k;...'")
+    ap.add_argument("--splits", default="", help="forced split counts to sweep, comma-separated")
+    ap.add_argument("--no-extras", action="store_true", help="skip the fp8 rows and the host-overhead probe")
     args = ap.parse_args()
+    rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";") if r] or ROWS
+    splits = tuple(int(x) for x in args.splits.split(",") if x) or SPLITS
     others = tuple(v for v in args.other_variants.split(",") if v)
     device = torch.device("cuda")
     reg = build_registry()
@@ -107,7 +112,7 @@ def main():
              "do_bench_us": round(1e3 * do_bench(tiny.zero_, return_mode="median"), 1)}
     log(f"timing floor (one 1-element kernel): {floor}")
     results = []
-    for b, ql, h, s in ROWS:
+    for b, ql, h, s in rows:
         case = dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16)
         a = bench_inputs(case, device)
         row = dict(B=b, q_len=ql, H=h, s_k=s, variant=cm.DEFAULT_VARIANT)
@@ -126,7 +131,7 @@ def main():
             row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
                                               cuda_graph=True).median_us, 1)
             row[f"{v}_kernels"] = kernel_times(lambda: cm.mla_decode(**a, variant=v))
-        for sp in SPLITS:
+        for sp in splits:
             t = time_calls([lambda: cm.mla_decode(**a, num_kv_splits=sp)], device, cuda_graph=True).median_us
             row[f"splits_{sp}_us"] = round(t, 1)
         row["kernels_splits_32"] = kernel_times(lambda: cm.mla_decode(**a, num_kv_splits=32))
@@ -135,7 +140,7 @@ def main():
         del a
         torch.cuda.empty_cache()
     fp8_rows = []
-    for qdt in (torch.bfloat16, torch.float16):  # e4m3 -> f16 is one cvt per pair; -> bf16 goes via f32
+    for qdt in (() if args.no_extras else (torch.bfloat16, torch.float16)):  # e4m3 -> f16 is one cvt per pair; -> bf16 goes via f32
         for cache_dtype in (qdt, torch.float8_e4m3fn):
             case = dict(B=64, q_len=1, H=16, seqlen=16384, page_size=64, dtype=qdt, cache_dtype=cache_dtype)
             a = bench_inputs(case, device)
@@ -150,7 +155,7 @@ def main():
             log(json.dumps(row))
             del a
             torch.cuda.empty_cache()
-    host = host_overheads(reg, device)
+    host = {} if args.no_extras else host_overheads(reg, device)
     log(json.dumps(host))
     with open(os.path.join(args.out, "latency.json"), "w") as f:
         json.dump({"ceilings": ceil.__dict__, "floor": floor, "rows": results, "fp8_rows": fp8_rows, "host": host},
@@ -158,11 +163,11 @@ def main():
     print(f"{torch.cuda.get_device_name(0)} (µs, CUDA-graph replay, L2 flushed)")
     print(f"timing floor (a 1-element kernel): graph {floor['graph_us']} µs, do_bench {floor['do_bench_us']} µs")
     print("| B | q | H | s_k | triton | cute (rule splits) | triton / cute do_bench | "
-          + " | ".join(f"s={s}" for s in SPLITS) + " |")
+          + " | ".join(f"s={s}" for s in splits) + " |")
     for r in results:
         print(f"| {r['B']} | {r['q_len']} | {r['H']} | {r['s_k']} | {r['triton_us']} | {r['cute_us']} "
               f"({r['rule_splits']}) | {r['triton_do_bench_us']} / {r['cute_do_bench_us']} | "
-              + " | ".join(str(r[f'splits_{s}_us']) for s in SPLITS) + " |")
+              + " | ".join(str(r[f'splits_{s}_us']) for s in splits) + " |")
     for r in results:
         print(r["H"], r["s_k"], r["q_len"], "kernels:", r["kernels"], "| at 32 splits:", r["kernels_splits_32"])
         for v in others:

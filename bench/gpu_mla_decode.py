@@ -305,6 +305,7 @@ def _T(bh, w, st=2):
 BASE16, BASE64 = TK.Config(16, 32, 4, 2, ctas_per_sm=2), TK.Config(64, 64, 8, 2)
 SHAPES = {
     "mem": dict(B=64, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
+    "mem128": dict(B=128, q_len=1, H=16, page_size=64, seqlen=16384, dtype=torch.bfloat16),
     "spec1": dict(B=8, q_len=1, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
     "spec4": dict(B=8, q_len=4, H=16, page_size=64, seqlen=81920, dtype=torch.bfloat16),
     "comp": dict(B=16, q_len=1, H=128, page_size=64, seqlen=16384, dtype=torch.bfloat16),
@@ -326,8 +327,13 @@ SWEEP_T = {
 # round 4 run 2: register caps for 3 / 4 programs per SM; 64 rows as 16- or 32-row programs
 R168 = TK.Config(16, 32, 4, 2, ctas_per_sm=3, maxnreg=168)
 R128 = TK.Config(16, 32, 4, 2, ctas_per_sm=4, maxnreg=128)
+# session 5: 16-row tiles of 16 KV rows (sm_90 offline: 128 registers at 3 stages, 140 at 2; 37 KB
+# of smem), 4 programs per SM instead of 3 x 32 rows
+N16S3 = TK.Config(16, 16, 4, 3, ctas_per_sm=4)
+N16R128 = TK.Config(16, 16, 4, 2, ctas_per_sm=4, maxnreg=128)
 SWEEP = {
-    "mem": [None, R168, R128],
+    "mem": [None, R168, R128, N16S3, N16R128],
+    "mem128": [None, N16S3, N16R128],
     "spec1": [None, R168, R128],
     "spec4": [None, BASE16, R168, TK.Config(32, 64, 8, 2)],
     "fp8": [None, R168, R128],
