@@ -86,6 +86,13 @@ def time_row(T: int, gen, ceil: dict) -> dict:
     ok = bool(torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol))
     cost = op.SPEC.cost(op.SPEC.bind(args))
     nbytes = routed_bytes(args)
+    ids, _ = kernel.route_with_shared(args["router_logits"], args["e_score_correction_bias"], DEEPSEEK["top_k"],
+                                      DEEPSEEK["n_group"], DEEPSEEK["topk_group"], 2.5, True, DEEPSEEK["E"], 0)
+    ref_ids, _ = op.route(args["router_logits"], args["e_score_correction_bias"], DEEPSEEK["top_k"],
+                          DEEPSEEK["n_group"], DEEPSEEK["topk_group"], 2.5, True)
+    # tokens routed to another set of experts than the op's torch code picks (order aside: an
+    # exact tie of scores may come out in either order)
+    route_mismatch = int((ids.long().sort(1).values != ref_ids.sort(1).values).any(1).sum())
     t_k = median_ms(lambda: kernel.moe(**args, out=out))
     t_r = median_ms(lambda: op.reference(**args, out=ref))
     g = torch.cuda.CUDAGraph()  # decode runs captured: the routing's small kernels launch at once
@@ -96,7 +103,7 @@ def time_row(T: int, gen, ceil: dict) -> dict:
     graph_ok = bool(torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol))
     t_g = median_ms(g.replay)
     del g
-    row = dict(T=T, ok=ok and graph_ok, triton_us=1e3 * t_k, graph_us=1e3 * t_g, reference_us=1e3 * t_r,
+    row = dict(T=T, ok=ok and graph_ok, route_mismatch=route_mismatch, triton_us=1e3 * t_k, graph_us=1e3 * t_g, reference_us=1e3 * t_r,
                bytes=nbytes, graph_pct_copy=100 * nbytes / (t_g * 1e-3) / 1e9 / ceil["copy_GBs"],
                pct_copy=100 * nbytes / (t_k * 1e-3) / 1e9 / ceil["copy_GBs"],
                pct_gemm=100 * cost.flops / (t_k * 1e-3) / 1e12 / ceil["gemm_TFLOPs"])
@@ -124,6 +131,37 @@ def time_row(T: int, gen, ceil: dict) -> dict:
     return row
 
 
+def routing_row(T: int, gen) -> dict:
+    """Graph time of routing + alignment alone at T tokens: the two fused kernels against the
+    torch version (the op's route, the shared expert appended, align_rows_torch)."""
+    E, S = DEEPSEEK["E"], DEEPSEEK["S"]
+    logits = torch.randn(T, E, generator=gen).mul_(2.0).to(DEV)
+    bias = (torch.randn(E, generator=gen) * 0.009).to(DEV)
+    k = dict(top_k=8, n_group=8, topk_group=4)
+    bm = kernel.tile_config(T * (k["top_k"] + S), E + S, DEEPSEEK["Dff"], DEEPSEEK["Dm"], 132)["BLOCK_M"]
+
+    def fused():
+        ids, _ = kernel.route_with_shared(logits, bias, k["top_k"], k["n_group"], k["topk_group"], 2.5, True, E, S)
+        return kernel.align_rows(ids, E + S, bm)
+
+    def torch_path():
+        ids, w = op.route(logits, bias, k["top_k"], k["n_group"], k["topk_group"], 2.5, True)
+        shared = (E + torch.arange(S, device=DEV)).expand(T, S)
+        ids = torch.cat([ids, shared], 1)
+        torch.cat([w.float(), torch.ones((T, S), device=DEV)], 1)
+        return kernel.align_rows_torch(ids, E + S, bm)
+
+    a, b = fused(), torch_path()
+    row = dict(T=T, same_layout=bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])))
+    for name, fn in (("fused_us", fused), ("torch_us", torch_path)):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        row[name] = round(1e3 * median_ms(g.replay), 1)
+        del g
+    return row
+
+
 def main() -> int:
     reg = tokenspeed_core.build_registry(entry_points=False)
     with reg.registering_as("triton"):
@@ -139,19 +177,22 @@ def main() -> int:
         rows.append(time_row(T, gen, ceil))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
+    routing = [routing_row(T, gen) for T in (1, 8, 64, 227)]
     with open(os.path.join(os.environ.get("OUT", "."), "moe.json"), "w") as f:
-        json.dump(dict(card=torch.cuda.get_device_name(0), ceilings=ceil, conformance=rep.format(), rows=rows), f,
-                  indent=1)
-    print("| T | ok | Triton µs | graph µs | reference µs | speed-up | GB read | % copy | graph % copy | % GEMM |")
+        json.dump(dict(card=torch.cuda.get_device_name(0), ceilings=ceil, conformance=rep.format(), rows=rows,
+                       routing=routing), f, indent=1)
+    print("| T | ok (tokens routed otherwise) | Triton µs | graph µs | reference µs | speed-up | GB read | % copy | "
+          "graph % copy | % GEMM |")
     for r in rows:
-        print(f"| {r['T']} | {r['ok']} | {r['triton_us']:.1f} | {r['graph_us']:.1f} | {r['reference_us']:.1f} | "
+        print(f"| {r['T']} | {r['ok']} ({r['route_mismatch']}) | {r['triton_us']:.1f} | {r['graph_us']:.1f} | {r['reference_us']:.1f} | "
               f"{r['reference_us'] / r['triton_us']:.2f}x | {r['bytes'] / 1e9:.2f} | {r['pct_copy']:.1f} | "
               f"{r['graph_pct_copy']:.1f} | {r['pct_gemm']:.1f} |")
     for r in rows:
         alts = {k: v for k, v in r.items() if k.startswith("m") and k[1].isdigit()}
         if alts:
             print(f"T {r['T']} tilings, graph µs (default {r['graph_us']:.1f}): {alts}")
-    return 0 if rep.ok and all(r["ok"] for r in rows) else 1
+    print("routing + alignment alone, graph µs (fused kernels vs torch ops):", routing)
+    return 0 if rep.ok and all(r["ok"] for r in rows) and all(r["same_layout"] for r in routing) else 1
 
 
 if __name__ == "__main__":

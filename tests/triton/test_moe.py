@@ -62,9 +62,61 @@ def test_align_rows_groups_rows_by_expert_in_padded_blocks():
     assert sorted(r for _, rows in live for r in rows if r < n) == list(range(n))
 
 
-def test_compile_targets_cover_both_kernels():
+@needs_interpreter
+def test_torch_alignment_beyond_the_fused_bound(monkeypatch):
+    """Above FUSED_MAX_ROWS the alignment is torch ops fed by the fused routing's int32 ids."""
+    monkeypatch.setattr(moe.routing, "FUSED_MAX_ROWS", 16)
+    case = dict(T=24, Dm=40, E=16, Dff=24, top_k=4, n_group=4, topk_group=2, S=1, dtype=torch.float32)
+    args = moe_spec.make_inputs(case, torch.Generator().manual_seed(3), torch.device("cpu"))
+    ref = torch.empty((24, 40))
+    moe_spec.reference(**args, out=ref)
+    out = torch.full((24, 40), float("nan"))
+    moe.moe(**args, out=out)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [
+    dict(T=5, E=256, n_group=8, topk_group=4, top_k=8, S=1),  # DeepSeek-V3
+    dict(T=7, E=16, n_group=4, topk_group=2, top_k=4, S=0),
+    dict(T=3, E=12, n_group=1, topk_group=1, top_k=2, S=2, norm=False),  # one group, 12 (not 2^k) experts
+    dict(T=4, E=8, n_group=8, topk_group=3, top_k=3, S=1),  # groups of one expert
+], ids=["deepseek", "e16", "one-group", "groups-of-one"])
+def test_route_kernel_matches_the_op_routing(case):
+    """The fused routing kernel: the op's experts in the op's (descending) order, its weights, then
+    the shared experts as experts E.. of weight 1."""
+    gen = torch.Generator().manual_seed(case["T"] * 31 + case["E"])
+    T, E, S = case["T"], case["E"], case["S"]
+    logits = torch.randn(T, E, generator=gen) * 2.0
+    bias = torch.randn(E, generator=gen) * 0.3
+    norm = case.get("norm", True)
+    ids, weights = moe.route_with_shared(logits, bias, case["top_k"], case["n_group"], case["topk_group"], 2.5,
+                                         norm, E, S)
+    ref_ids, ref_w = moe_spec.route(logits, bias, case["top_k"], case["n_group"], case["topk_group"], 2.5, norm)
+    assert ids.dtype == torch.int32 and ids.shape == (T, case["top_k"] + S)
+    assert torch.equal(ids[:, :case["top_k"]].long(), ref_ids)
+    torch.testing.assert_close(weights[:, :case["top_k"]], ref_w, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids[:, case["top_k"]:].long(), (E + torch.arange(S)).expand(T, S))
+    assert torch.equal(weights[:, case["top_k"]:], torch.ones(T, S))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows,experts,block_m", [(9, 257, 16), (40, 12, 16), (300, 33, 64), (1, 1, 16)])
+def test_align_kernel_matches_the_torch_layout(rows, experts, block_m):
+    """One-program alignment == the torch version, slot for slot (experts with 0, 1 and several
+    blocks of rows; a block size above some experts' counts; a single row)."""
+    gen = torch.Generator().manual_seed(rows + experts)
+    ids = torch.randint(0, experts, (rows,), generator=gen)
+    ids[: rows // 3] = experts - 1  # one expert with many rows (several blocks)
+    fused = moe.align_rows(ids, experts, block_m)
+    for dtype in (torch.int64, torch.int32):  # the op's routing gives int64, the fused routing int32
+        torch_ = moe.align_rows_torch(ids.to(dtype), experts, block_m)
+        assert torch.equal(fused[0], torch_[0]) and torch.equal(fused[1], torch_[1])
+
+
+def test_compile_targets_cover_every_kernel():
     names = {fn.__name__ for fn, *_ in moe.compile_targets()}
-    assert names == {"moe_up_kernel", "moe_down_kernel"}
+    assert names == {"moe_up_kernel", "moe_down_kernel", "route_kernel", "align_kernel"}
 
 
 def test_rank_follows_the_gpu_verification_flag(registry):

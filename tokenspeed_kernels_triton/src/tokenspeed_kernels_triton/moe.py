@@ -36,6 +36,7 @@ import triton.language as tl
 from tokenspeed_core import Priority
 from tokenspeed_core.ops.moe import route
 
+from . import _moe_routing as routing
 from .plugin import interpreting
 
 
@@ -159,13 +160,38 @@ def gpu_tiles(rows: int, experts: int, n_up: int, n_down: int, sms: int) -> dict
                 num_warps=4 if block_m < 64 else 8, num_stages=3)
 
 
-def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
-    """(sorted_rows [P] int32, block_expert [P / block_m] int32) for expert ids [T, top_k].
+def padded_rows(rows: int, num_experts: int, block_m: int) -> int:
+    """P, the padded length from the shapes alone: every row, plus up to block_m - 1 padding rows
+    for each expert that can be non-empty (at most min(E, rows) of them)."""
+    return -(-(rows + min(num_experts, rows) * (block_m - 1)) // block_m) * block_m
 
-    P bounds the padded length from the shapes alone: every row, plus up to block_m - 1 padding
-    rows for each expert that can be non-empty (at most min(E, rows) of them)."""
+
+def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_rows [P] int32, block_expert [P / block_m] int32) for expert ids [T, top_k]: the rows
+    grouped by expert (token order within one), each expert's run padded to block_m (padding
+    holds the row count), and each block's expert (-1 past the last run). One kernel
+    (``_moe_routing.align_kernel``) up to ``FUSED_MAX_ROWS`` rows, torch ops beyond."""
     rows = ids.numel()
-    flat = ids.reshape(-1)
+    if rows <= routing.FUSED_MAX_ROWS and num_experts <= routing.FUSED_MAX_EXPERTS:
+        P = padded_rows(rows, num_experts, block_m)
+        sorted_rows = torch.empty((P,), dtype=torch.int32, device=ids.device)
+        block_expert = torch.empty((P // block_m,), dtype=torch.int32, device=ids.device)
+        routing.align_kernel[(1,)](ids.reshape(-1).to(torch.int32), sorted_rows, block_expert, rows, num_experts,
+                                   P, BLOCK_M=block_m, ROWS=_pow2(rows), EXPERTS=_pow2(num_experts + 1), CHUNK=64,
+                                   num_warps=4)
+        return sorted_rows, block_expert
+    return align_rows_torch(ids, num_experts, block_m)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def align_rows_torch(ids: torch.Tensor, num_experts: int, block_m: int):
+    """``align_rows`` in torch ops with sizes fixed by the shapes (scatter-add counts, a stable
+    argsort, cumsum, searchsorted): no host sync, any size."""
+    rows = ids.numel()
+    flat = ids.reshape(-1).long()
     dev = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -174,7 +200,7 @@ def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
     order = torch.argsort(flat, stable=True)  # rows grouped by expert, in token order within one
     expert_of = flat[order]
     rank = torch.arange(rows, device=dev) - (torch.cumsum(counts, 0) - counts)[expert_of]
-    P = -(-(rows + min(num_experts, rows) * (block_m - 1)) // block_m) * block_m
+    P = padded_rows(rows, num_experts, block_m)
     sorted_rows = torch.full((P,), rows, dtype=torch.int32, device=dev)
     sorted_rows[(pad_end - padded)[expert_of] + rank] = order.to(torch.int32)
     block_start = torch.arange(0, P, block_m, device=dev)
@@ -222,6 +248,28 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape[1:] == b.shape[1:] and a.stride()[1:] == b.stride()[1:]
 
 
+def route_with_shared(router_logits, bias, top_k, n_group, topk_group, scaling, norm, num_experts, num_shared):
+    """(ids [T, top_k + num_shared] int32, weights float32): the op's routing, then the shared
+    experts as experts num_experts.. of weight 1. One kernel (``_moe_routing.route_kernel``) for
+    float32/16-bit logits, the op's torch ``route`` otherwise (float64)."""
+    T, E = router_logits.shape
+    dev = router_logits.device
+    if router_logits.dtype == torch.float64 or E + num_shared > routing.FUSED_MAX_EXPERTS:
+        ids, weights = route(router_logits, bias, top_k, n_group, topk_group, scaling, norm)
+        shared = (num_experts + torch.arange(num_shared, device=dev, dtype=ids.dtype)).expand(T, num_shared)
+        return (torch.cat([ids, shared], 1).to(torch.int32),
+                torch.cat([weights.float(), torch.ones((T, num_shared), dtype=torch.float32, device=dev)], 1))
+    k = top_k + num_shared
+    ids = torch.empty((T, k), dtype=torch.int32, device=dev)
+    weights = torch.empty((T, k), dtype=torch.float32, device=dev)
+    group_size = E // n_group
+    routing.route_kernel[(T,)](router_logits, bias, ids, weights, router_logits.stride(0), n_group, group_size,
+                               topk_group, top_k, num_experts, num_shared, float(scaling), NORM=bool(norm),
+                               NG=_pow2(n_group), GS=_pow2(group_size), K=_pow2(k), TORCH_SIGMOID=not interpreting(),
+                               num_warps=4)
+    return ids, weights
+
+
 def moe(x, router_logits, e_score_correction_bias, w13, w2, ws13, ws2, out, top_k, n_group, topk_group,
         routed_scaling_factor=1.0, norm_topk_prob=True):
     """moe through Triton; destination passing (see tokenspeed_core.ops.moe)."""
@@ -230,21 +278,23 @@ def moe(x, router_logits, e_score_correction_bias, w13, w2, ws13, ws2, out, top_
         return
     if x.stride(1) != 1:
         x = x.contiguous()
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
     acc = torch.zeros((T, Dm), dtype=torch.float32, device=x.device)
-    ids, weights = route(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
-                         routed_scaling_factor, norm_topk_prob)
     E, S = w13.shape[0], ws13.shape[0]
-    shared_ids = (E + torch.arange(S, device=x.device, dtype=ids.dtype)).expand(T, S)
-    ones = torch.ones((T, S), dtype=torch.float32, device=x.device)
-    if S and _same_layout(w13, ws13) and _same_layout(w2, ws2):
-        # shared experts as experts E.. of weight 1 in the same launches: at T = 1 (DeepSeek-V3)
-        # one launch of 9 experts' programs instead of 8 + 1 with a tail each
-        _experts(x, torch.cat([ids, shared_ids], 1), torch.cat([weights.float(), ones], 1), w13, w2, acc,
-                 ws13, ws2)
+    # shared experts as experts E.. of weight 1 in the routed experts' launches where they have
+    # the same layout (DeepSeek-V3: at T = 1 one launch over 9 experts instead of 8 + 1, each
+    # with its tail); otherwise their own launches
+    merged = S and _same_layout(w13, ws13) and _same_layout(w2, ws2)
+    ids, weights = route_with_shared(router_logits, e_score_correction_bias.contiguous(), top_k, n_group,
+                                     topk_group, routed_scaling_factor, norm_topk_prob, E, S if merged else 0)
+    if merged:
+        _experts(x, ids, weights, w13, w2, acc, ws13, ws2)
     else:
         _experts(x, ids, weights, w13, w2, acc)
-        if S:  # another width or layout: their own launches
-            _experts(x, shared_ids - E, ones, ws13, ws2, acc)
+        if S:
+            shared = torch.arange(S, device=x.device, dtype=torch.int32).expand(T, S)
+            _experts(x, shared, torch.ones((T, S), dtype=torch.float32, device=x.device), ws13, ws2, acc)
     out.copy_(acc)
 
 
@@ -273,6 +323,21 @@ def compile_targets() -> list[tuple]:
             c = dict(BLOCK_M=t["BLOCK_M"], BLOCK_K=t["BLOCK_K"], UPCAST=False, PRECISION=precision, stride_wk=1)
             targets += [(moe_up_kernel, up, dict(c, BLOCK_N=t["BLOCK_N_UP"]), opts),
                         (moe_down_kernel, down, dict(c, BLOCK_N=t["BLOCK_N_DOWN"]), opts)]
+    # routing and alignment: DeepSeek-V3 (8 groups of 32, top 8 + 1 shared), and the largest
+    # alignment the fused path takes
+    route_sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i32", "weights_ptr": "*fp32",
+                 "stride_lt": "i32", "n_group": "i32", "group_size": "i32", "topk_group": "i32", "top_k": "i32",
+                 "num_experts": "i32", "num_shared": "i32", "scaling": "fp32", "NORM": "constexpr",
+                 "NG": "constexpr", "GS": "constexpr", "K": "constexpr"}
+    route_sig["TORCH_SIGMOID"] = "constexpr"
+    targets.append((routing.route_kernel, route_sig, dict(NORM=True, NG=8, GS=32, K=16, TORCH_SIGMOID=True),
+                    dict(num_warps=4)))
+    align_sig = {"ids_ptr": "*i32", "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "num_rows": "i32",
+                 "num_experts": "i32", "padded_len": "i32", "BLOCK_M": "constexpr", "ROWS": "constexpr",
+                 "EXPERTS": "constexpr", "CHUNK": "constexpr"}
+    for rows, experts in ((16, 512), (routing.FUSED_MAX_ROWS, routing.FUSED_MAX_EXPERTS + 1)):
+        targets.append((routing.align_kernel, align_sig, dict(BLOCK_M=16, ROWS=rows, EXPERTS=experts, CHUNK=64),
+                        dict(num_warps=4)))
     return targets
 
 
