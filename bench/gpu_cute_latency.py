@@ -91,11 +91,11 @@ def main():
     ap.add_argument("--other-variants", default=",".join(OTHER_VARIANTS),
                     help="variants timed beside the default, comma-separated")
     ap.add_argument("--rows", default="", help="rows to study instead of the latency rows: 'B,q,H,s_k;...'")
-    ap.add_argument("--splits", default="", help="forced split counts to sweep, comma-separated")
+    ap.add_argument("--splits", default="", help="forced split counts to sweep, comma-separated ('rule': none)")
     ap.add_argument("--no-extras", action="store_true", help="skip the fp8 rows and the host-overhead probe")
     args = ap.parse_args()
     rows = [tuple(int(x) for x in r.split(",")) for r in args.rows.split(";") if r] or ROWS
-    splits = tuple(int(x) for x in args.splits.split(",") if x) or SPLITS
+    splits = () if args.splits == "rule" else tuple(int(x) for x in args.splits.split(",") if x) or SPLITS
     others = tuple(v for v in args.other_variants.split(",") if v)
     device = torch.device("cuda")
     reg = build_registry()

@@ -26,10 +26,13 @@ known (its design, our code; docs/cute.md, "v5"):
   order (WG0: columns 0-255 first; WG1: 256-511 first). (One mbarrier per 64-column chunk was
   no faster: run 10b.)
 - Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
-  before its use; one thread issues an L2 prefetch (``cp.async.bulk.prefetch.L2``) of the tiles
-  two steps ahead, and the loads find them in L2. Worth it only where several CTAs (m-blocks)
-  share the tiles: at 64 rows the 132 CTAs' prefetched tiles pushed each other out of L2
-  (1.2-1.3x slower), which is why v5 runs this kernel from 65 rows only (run 9).
+  before its use; at the top of each step one thread issues an L2 prefetch
+  (``cp.async.bulk.prefetch.L2``) of the next step's two tiles, whose cp.async loads are issued
+  later, column group by column group, as this step frees the columns. One step ahead, not two:
+  4-8% faster on the H100 (b 1 H 128 64K, B 16/64 H 128, H 32 q 4) and 0.5-4% on the H200, and
+  two steps ahead was slower than none (docs/perf/cute.md, run 16). At 64 rows, 132 CTAs'
+  prefetched tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch),
+  which is why v5 runs this kernel from 65 rows only (run 9).
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
   that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
@@ -187,8 +190,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
     @cute.jit
     def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
         """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
-        contiguous cache rows. Issued two steps ahead, so the cp.async loads of the step before
-        their use find them in L2 instead of waiting on HBM (only 2 tiles of smem per CTA)."""
+        contiguous cache rows. Issued at the top of the step before their use, so their bytes are on
+        the way from HBM before that step's cp.async loads (issued as columns free) ask for them."""
         for j in cutlass.range_constexpr(2):
             if tile + j < t_end:
                 gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
@@ -450,12 +453,10 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             if t_begin + 1 < t_end:
                 self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
 
-        if tidx == 0:
-            self.prefetch_tiles(mKV, mPageTable, b, t_begin + 2, t_end)
         for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
             t1 = t0 + 1
-            if tidx == 0:
-                self.prefetch_tiles(mKV, mPageTable, b, t0 + 4, t_end)
+            if tidx == 0:  # the next step's tiles (a step ahead: see the module docstring)
+                self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
             has1 = t1 < t_end
             next_phase = ((t0 - t_begin) // 2 + 1) % 2
             if wg == 0:
