@@ -63,9 +63,11 @@ def test_align_rows_groups_rows_by_expert_in_padded_blocks():
 
 
 @needs_interpreter
-def test_torch_alignment_beyond_the_fused_bound(monkeypatch):
-    """Above FUSED_MAX_ROWS the alignment is torch ops fed by the fused routing's int32 ids."""
-    monkeypatch.setattr(moe.routing, "FUSED_MAX_ROWS", 16)
+@pytest.mark.parametrize("bound", ["FUSED_MAX_ROWS", "FUSED_MAX_EXPERTS"])
+def test_torch_paths_beyond_the_fused_bounds(monkeypatch, bound):
+    """Above FUSED_MAX_ROWS the alignment is torch ops fed by the fused routing's int32 ids; above
+    FUSED_MAX_EXPERTS the routing is the op's torch code too."""
+    monkeypatch.setattr(moe.routing, bound, 16)
     case = dict(T=24, Dm=40, E=16, Dff=24, top_k=4, n_group=4, topk_group=2, S=1, dtype=torch.float32)
     args = moe_spec.make_inputs(case, torch.Generator().manual_seed(3), torch.device("cpu"))
     ref = torch.empty((24, 40))
