@@ -269,7 +269,7 @@ def bench_case(case: dict, config=None, spot_check=True, num_splits=None, graph=
     rows = Q * H
     mb = math.ceil(rows / cfg.block_m) * (2 if cfg.dv_halves else 1)
     splits = num_splits or TK.plan_splits(B, mb, inp["page_table"].shape[1] * inp["kv_cache"].shape[1],
-                                          cfg.block_n, TK._sm_count(torch.device(DEV)) * cfg.ctas_per_sm,
+                                          cfg.block_n, TK.sm_count(torch.device(DEV)) * cfg.ctas_per_sm,
                                           rows=rows, dv=512, row_bytes=row_bytes)
     row.update(us=ms * 1e3, GBps=nbytes / ms / 1e6, TFLOPs=flops / ms / 1e9, config=cfg.describe(),
                splits=splits)
@@ -356,7 +356,7 @@ def main():
     import triton
 
     result["triton"] = triton.__version__
-    result["sm_count"] = TK._sm_count(torch.device(DEV))
+    result["sm_count"] = TK.sm_count(torch.device(DEV))
     jpath = os.path.join(args.out, "mla_decode.json")
 
     def save():

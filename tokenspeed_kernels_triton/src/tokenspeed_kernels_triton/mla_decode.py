@@ -13,12 +13,13 @@ triton or a GPU). This module holds what the host decides:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+from .plugin import sm_count
 
 OP = "mla_decode"
 SUPPORTED_Q = (torch.bfloat16, torch.float16, torch.float32)
@@ -105,13 +106,6 @@ POLICIES = {
 }
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few pretend SMs, so planning logic is exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def plan_splits(batch: int, m_blocks: int, max_rows: int, block_n: int, sm_count: int, *,
                 rows: int = 16, dv: int = 512, row_bytes: int = 1152) -> int:
     """KV splits per request, from shapes only (graph-capturable).
@@ -172,7 +166,7 @@ def mla_decode_triton(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_
     page_size = kv_cache.shape[1]
     if num_splits is None:
         num_splits = plan_splits(B, m_blocks * dv_blocks, page_table.shape[1] * page_size, cfg.block_n,
-                                 _sm_count(q.device) * cfg.ctas_per_sm, rows=rows, dv=dv,
+                                 sm_count(q.device) * cfg.ctas_per_sm, rows=rows, dv=dv,
                                  row_bytes=D * kv_cache.element_size())
     upcast = _interpreting() or q.dtype == torch.float32
     ieee = q.dtype == torch.float32

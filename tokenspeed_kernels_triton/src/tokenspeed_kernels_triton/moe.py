@@ -28,8 +28,6 @@ docs/perf/triton-moe.md.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +36,7 @@ from tokenspeed_core import Priority
 from tokenspeed_core.ops.moe import route
 
 from . import _moe_routing as routing
-from .plugin import interpreting
+from .plugin import interpreting, sm_count
 
 
 @triton.jit
@@ -178,14 +176,10 @@ def align_rows(ids: torch.Tensor, num_experts: int, block_m: int):
         sorted_rows = torch.empty((P,), dtype=torch.int32, device=ids.device)
         block_expert = torch.empty((P // block_m,), dtype=torch.int32, device=ids.device)
         routing.align_kernel[(1,)](ids.reshape(-1).to(torch.int32), sorted_rows, block_expert, rows, num_experts,
-                                   P, BLOCK_M=block_m, ROWS=_pow2(rows), EXPERTS=_pow2(num_experts + 1), CHUNK=64,
+                                   P, BLOCK_M=block_m, ROWS=triton.next_power_of_2(rows), EXPERTS=triton.next_power_of_2(num_experts + 1), CHUNK=64,
                                    num_warps=4)
         return sorted_rows, block_expert
     return align_rows_torch(ids, num_experts, block_m)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def align_rows_torch(ids: torch.Tensor, num_experts: int, block_m: int):
@@ -210,11 +204,6 @@ def align_rows_torch(ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_rows, block_expert
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _experts(x, ids, weights, w13, w2, acc, ws13=None, ws2=None):
     """acc[t] += sum_i weights[t, i] * expert(ids[t, i], x[t]); ids below E = w13.shape[0] name
     routed experts (w13 / w2), ids E + j the shared expert j (ws13 / ws2, same shapes and inner
@@ -226,7 +215,7 @@ def _experts(x, ids, weights, w13, w2, acc, ws13=None, ws2=None):
         ws13, ws2 = w13, w2
     experts = E + (ws13.shape[0] if ws13 is not w13 else 0)
     rows = T * top_k
-    cfg = tile_config(rows, experts, F, Dm, _sm_count(x.device))
+    cfg = tile_config(rows, experts, F, Dm, sm_count(x.device))
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     bn_up, bn_down = cfg["BLOCK_N_UP"], cfg["BLOCK_N_DOWN"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -266,7 +255,7 @@ def route_with_shared(router_logits, bias, top_k, n_group, topk_group, scaling, 
     group_size = E // n_group
     routing.route_kernel[(T,)](router_logits, bias, ids, weights, router_logits.stride(0), n_group, group_size,
                                topk_group, top_k, num_experts, num_shared, float(scaling), NORM=bool(norm),
-                               NG=_pow2(n_group), GS=_pow2(group_size), K=_pow2(k), TORCH_SIGMOID=not interpreting(),
+                               NG=triton.next_power_of_2(n_group), GS=triton.next_power_of_2(group_size), K=triton.next_power_of_2(k), TORCH_SIGMOID=not interpreting(),
                                num_warps=4)
     return ids, weights
 

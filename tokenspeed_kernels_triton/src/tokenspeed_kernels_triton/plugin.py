@@ -8,6 +8,7 @@ them); otherwise they are CUDA-only.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -47,6 +48,17 @@ class Common:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """SMs of a CUDA device (what split and tile planners fill); 4 pretend SMs elsewhere (the
+    interpreter), so planning logic is exercised by the CPU tests."""
+    if device.type != "cuda":
+        return 4
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def common() -> Common:
