@@ -296,6 +296,7 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
     (("bfloat16", 128, 1, 64, "v5"), "v5"), (("float16", 16, 8, 128, "v5"), "v5"),
     (("bfloat16", 32, 3, 64, "v5"), "v5"),  # 96 folded rows: two m-blocks
+    (("bfloat16", 32, 5, 64, "v5"), "v5"),  # 160 rows: three m-blocks, which run unpaired
     (("bfloat16", 16, 4, 64, "v5"), "v3"),  # 64 rows: one m-block, memory-bound: v3
     (("bfloat16", 16, 1, 64, "v5"), "v4"),  # 16 rows: KV rows on M
     (("bfloat16", 128, 2, 64, "v5", "float8_e4m3fn"), "v3"),  # fp8 cache: v3's staged path
@@ -326,8 +327,22 @@ def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
         # each warpgroup's own P from registers (RS: A in braces) once per step, 4 k-steps each
         rs = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.\w+\.\w+ \{[^}]*\}, \{", split)
         assert len(rs) == 2 * 64 // 16, shape
-        # column groups land on mbarriers; the warpgroups hand P over through named barriers
-        assert "cp.async.mbarrier.arrive.noinc.shared" in split and "mbarrier.try_wait.parity" in split
+        # a producer warpgroup (its registers given to the two math warpgroups) TMAs each 64 x 64
+        # chunk of the two tile slots from one place in the code: 2 x 9 boxes
+        assert re.search(r"\.reqntid 384", text), shape
+        assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", split), shape
+        assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", split), shape
+        boxes = re.findall(r"cp\.async\.bulk\.tensor\.2d\.[^ ]*", split)
+        assert len(boxes) == 2 * 576 // 64, (shape, boxes)
+        # an even number of m-blocks runs as CTA pairs: each box multicast to both, each freed
+        # column group signalled to the issuing CTA's mbarrier, the pair leaving together
+        paired = (-(-shape[1] * shape[2] // 64)) % 2 == 0
+        assert all((".multicast::cluster" in b_) == paired for b_ in boxes), shape
+        assert ("mbarrier.arrive.shared::cluster" in split) == paired, shape
+        assert ("barrier.cluster.wait" in split) == paired, shape
+        # no cp.async of KV: the only cp.async left is Q's (16 B a thread, no mbarrier)
+        assert "cp.async.mbarrier.arrive" not in split and "mbarrier.try_wait.parity" in split
+        # the warpgroups hand P over through named barriers
         assert re.search(r"bar\.arrive\s+1, 256", split) and re.search(r"bar\.arrive\s+2, 256", split)
         # each warpgroup's P goes to smem with stmatrix (4 x4 instructions per 64 x 64 P)
         assert split.count("stmatrix.sync.aligned.m8n8.x4.shared.b16") == 2 * 4, shape

@@ -19,20 +19,33 @@ known (its design, our code; docs/cute.md, "v5"):
   MMAs, every S is an n64 product, and the columns of K0 that WG1 reads (256-575) are free early
   in the step, so the next K0 is loaded under this step's remaining work (run 10d: 1.05-1.28x
   faster than handing P0 over after WG1's softmax, as FlashMLA does).
-- Loads: cp.async issued by the warpgroup that frees the columns, completion tracked by an
-  mbarrier per (tile slot, column group) (``cp.async.mbarrier.arrive.noinc``): in K0, columns
-  0-255 (V0_L) free once WG0's first PV is done, 256-575 once WG1's O_R += P0 V0_R is; in K1,
-  256-511 (V1_R) after WG1's second PV, the rest after WG0's. The next S is computed in that
-  order (WG0: columns 0-255 first; WG1: 256-511 first). (One mbarrier per 64-column chunk was
-  no faster: run 10b.)
+- Loads: TMA, one 64-row x 64-column box (8 KB, the SW128 atom column) per chunk, issued by a
+  producer warp (a third warpgroup whose registers go to the math warpgroups through setmaxnreg).
+  Four column groups per step, each with a "landed" mbarrier (armed with its bytes) and a "freed"
+  one: in K0, columns 0-255 (V0_L) are freed once WG0's first PV is done, 256-575 once WG1's O_R
+  += P0 V0_R is; in K1, 256-511 (V1_R) after WG1's second PV, the rest after WG0's. The freeing
+  warpgroup arms and signals without blocking; the producer waits for the signal and issues the
+  group's boxes. The next S is computed in the order the columns were freed (WG0: columns 0-255
+  first; WG1: 256-511 first). Until run 24 the math warpgroups issued the loads themselves, by
+  cp.async; TMA issued from one of their warps was 0.4-2.3% slower than that (docs/perf/cute.md,
+  run 21), the producer warp alone from 0.5% slower to 1.15x faster (run 24).
+- A pair of m-blocks: m-blocks 2k and 2k + 1 of a request (H x q_len >= 128 rows) read the same
+  KV tiles. They run as a 2-CTA cluster: each group is issued once, by CTA j of the pair for the
+  groups j of a slot, once both CTAs have freed it (each signals the other's "freed" mbarrier),
+  and multicast into both CTAs' smem, so every tile is read from L2 once per pair, not twice. At
+  8 m-blocks a request the kernel was L2-bound (ncu: 93.8% of L2 throughput, B 64, q 4, H 128,
+  run 22); the pair is 1.10-1.19x faster on the compute-bound rows and the H 32 spec rows (run
+  24). An odd number of m-blocks runs unpaired. A first protocol (the CTA that freed a group
+  second, found with a remote atomic, issued it) was 1.2-1.3x *slower*: the atomic's round trip
+  sat on the math warps' critical path (run 23).
 - Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
-  before its use; at the top of each step one thread issues an L2 prefetch
-  (``cp.async.bulk.prefetch.L2``) of the next step's two tiles, whose cp.async loads are issued
-  later, column group by column group, as this step frees the columns. One step ahead, not two:
-  4-8% faster on the H100 (b 1 H 128 64K, B 16/64 H 128, H 32 q 4) and 0.5-4% on the H200, and
-  two steps ahead was slower than none (docs/perf/cute.md, run 16). At 64 rows, 132 CTAs'
-  prefetched tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch),
-  which is why v5 runs this kernel from 65 rows only (run 9).
+  before its use; at the top of each step one thread (of the pair's first CTA) issues an L2
+  prefetch (``cp.async.bulk.prefetch.L2``) of the next step's two tiles, whose TMA loads are
+  issued later, group by group, as this step frees the columns. One step ahead, not two: 4-8%
+  faster on the H100 (b 1 H 128 64K, B 16/64 H 128, H 32 q 4) and 0.5-4% on the H200, and two
+  steps ahead was slower than none (docs/perf/cute.md, run 16). At 64 rows, 132 CTAs' prefetched
+  tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch), which is why v5
+  runs this kernel from 65 rows only (run 9).
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
   that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
@@ -41,11 +54,11 @@ known (its design, our code; docs/cute.md, "v5"):
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
-Status: the default for > 64 folded rows with a 16-bit cache. Full conformance grid on an H100
-(49 pass, 24 skipped by ``supports``; graph replay == eager); B 64, q_len 4, H 128, 16K: 1992-2103
-µs, 70-74% of the GEMM rate, 1.12-1.18x FlashMLA's time (docs/perf/cute.md, runs 9-10). Dropped
-after measuring: WG1 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run
-9) and per-chunk mbarriers (run 10).
+Status: the default for > 64 folded rows with a 16-bit cache (full conformance grid on an H100;
+graph replay == eager). Numbers: docs/perf/cute.md (runs 9-24). Dropped after measuring: WG1
+computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
+mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
+protocol (run 23).
 """
 
 from __future__ import annotations
@@ -66,11 +79,17 @@ MAX_INIT = -1.0e30  # running max before any score (finite: see the module docst
 # "P1, m1 and its factor in smem"; then one per warpgroup (BAR_WG + wg) for its own smem writes
 # (zeroed V rows) before its wgmma.
 BAR_P0, BAR_P1, BAR_WG = 1, 2, 3
+BAR_MATH = 5  # the two math warpgroups (the producer warpgroup is not in it)
 # Column groups per tile slot, in chunk numbers (chunk 8 = the rope columns, where P goes), and
-# the warpgroup that loads each (the one whose MMA frees it last).
-K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # loaded by WG0, by WG1
-K1_EARLY, K1_LATE = (4, 5, 6, 7), (0, 1, 2, 3, 8)  # loaded by WG1, by WG0
+# the warpgroup that frees each (the one whose MMA reads it last).
+K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # freed by WG0, by WG1
+K1_EARLY, K1_LATE = (4, 5, 6, 7), (0, 1, 2, 3, 8)  # freed by WG1, by WG0
+GROUPS = ((K0_EARLY, K0_LATE), (K1_EARLY, K1_LATE))  # [slot][j], as the mbarriers: group 2 slot + j
 ROPE_CHUNK = 8
+MATH_THREADS = NUM_THREADS  # two math warpgroups; a third (the producer) issues the KV loads
+# setmaxnreg: registers are allocated per warpgroup, so the producer's go to the math warpgroups
+# (128 x 40 + 256 x 232 <= 64K)
+PRODUCER_REGS, MATH_REGS = 40, 232
 
 
 @dsl_user_op
@@ -98,7 +117,10 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, 64, 2, combine_batch)
         if (head_dim, head_dim_v) != (576, 512):
             raise ValueError("v5 is laid out for D = 576, Dv = 512 (rope columns 512-575 hold P)")
-        self.chunks = head_dim // CHUNK
+        # m-blocks 2k and 2k + 1 of a request read the same KV tiles: as a 2-CTA cluster, each
+        # column group is loaded once and multicast to both (half the L2 reads); an odd number of
+        # m-blocks runs unpaired
+        self.cluster = 2 if (-(-self.M // BLOCK_M)) % 2 == 0 else 1
 
     @cute.jit
     def __call__(
@@ -124,7 +146,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
         @cute.struct
         class SharedStorage:
-            mbar: cute.struct.MemRange[cutlass.Int64, 4]
+            mbar: cute.struct.MemRange[cutlass.Int64, 4]  # "column group landed", [slot][j]
+            free: cute.struct.MemRange[cutlass.Int64, 4]  # "column group freed" (by every CTA of the pair)
             # running row max (shared by both warpgroups), the two O scales of a step, row sums
             sM: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, BLOCK_M], 16]
             sScale: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
@@ -137,9 +160,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
         )
         per_thr = cute.make_layout((1, copy_bits // dtype.width))
-        q_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1)), per_thr)
-        # one warpgroup loads one 64 x 64 chunk in 4 passes of 16 rows
-        chunk_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((16, 8), stride=(8, 1)), per_thr)
+        q_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((MATH_THREADS // 8, 8), stride=(8, 1)), per_thr)
 
         mma_qk = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
@@ -158,16 +179,22 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         p_copy = cute.make_tiled_copy_C(
             cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), mma_qk)
 
+        # KV loads: one TMA box = one 64-row x 64-column chunk (8 KB, the SW128 atom column)
+        chunk_layout = cute.tile_to_shape(k_atom, (self.block_n, CHUNK), (0, 1))
+        tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom, tma_kv = cpasync.make_tiled_tma_atom(tma_op, mKV, chunk_layout, (self.block_n, CHUNK))
+
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v5(
-            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, q_copy, chunk_copy, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
+            mQ, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, q_copy, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
             SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
-            block=[NUM_THREADS, 1, 1],
+            block=[MATH_THREADS + 128, 1, 1],
+            cluster=[self.cluster, 1, 1],
             smem=SharedStorage.size_in_bytes(),
             stream=stream,
         )
@@ -175,23 +202,64 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
     # -- pieces ----------------------------------------------------------------------------------
     @cute.jit
-    def load_chunks(self, mKV, mPageTable, b, tile, sTile, chunks: cutlass.Constexpr, thr_copy, chunk_copy,
-                    mbar):
-        """cp.async of the given 64-column chunks of KV tile ``tile`` (all 64 rows, stale rows past
-        the length included) into ``sTile``, by this warpgroup; ``mbar`` completes when they land."""
+    def release(self, slot: cutlass.Constexpr, j: cutlass.Constexpr, wg_tidx, mbar, mbar_free):
+        """This warpgroup has read column group ``GROUPS[slot][j]`` of its tile slot for the last
+        time: arm this CTA's "landed" mbarrier for the group's next load with its bytes, and tell
+        the producer of the CTA that issues it (CTA j of a pair), which waits until every CTA of
+        the pair has freed the group, then multicasts it to all of them. Never blocks."""
+        g = slot * 2 + j
+        if wg_tidx == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar + g, len(GROUPS[slot][j]) * self.block_n * CHUNK
+                                                    * self.dtype.width // 8)
+            if cutlass.const_expr(self.cluster > 1):
+                cute.arch.mbarrier_arrive(mbar_free + g, peer_cta_rank_in_cluster=j)
+            else:
+                cute.arch.mbarrier_arrive(mbar_free + g)
+
+    @cute.jit
+    def issue_group(self, tma_atom, tma_kv, mPageTable, b, tile, sTile, slot: cutlass.Constexpr,
+                    j: cutlass.Constexpr, mbar, mbar_free, phase):
+        """Producer warp: wait until column group ``GROUPS[slot][j]`` is free in every CTA of the
+        pair, then TMA its 64 x 64 chunks of KV tile ``tile`` (to every CTA of the pair)."""
         BN = self.block_n
-        gKV = self.tile_in_cache(mKV, mPageTable, b, tile)
+        g = slot * 2 + j
+        cute.arch.mbarrier_wait(mbar_free + g, phase)
+        pos0 = tile * BN
+        page = mPageTable[b, pos0 // self.page_size]
+        row_tile = page * (self.page_size // BN) + (pos0 % self.page_size) // BN
+        gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
+        chunks = GROUPS[slot][j]
         for c in cutlass.range_constexpr(len(chunks)):
-            src = thr_copy.partition_S(cute.local_tile(gKV, (BN, CHUNK), (0, chunks[c])))
-            dst = thr_copy.partition_D(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])))
-            cute.copy(chunk_copy, src, dst)
-        cute.arch.cp_async_mbarrier_arrive_noinc(mbar)
+            tAs, tAg = cpasync.tma_partition(
+                tma_atom, 0, cute.make_layout(1),
+                cute.group_modes(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])), 0, 2),
+                cute.group_modes(gKV[None, None, chunks[c]], 0, 2))
+            if cutlass.const_expr(self.cluster > 1):
+                cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g,
+                          mcast_mask=cutlass.Int16((1 << self.cluster) - 1))
+            else:
+                cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g)
+
+    @cute.jit
+    def produce(self, tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar, mbar_free):
+        """The producer warp's loop: every KV tile of the split, column group by column group, in
+        the order the math warpgroups free them (in a pair, this CTA issues the groups j = rank)."""
+        for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
+            phase = ((t0 - t_begin) // 2) % 2
+            for j in cutlass.range_constexpr(2):
+                if self.cluster == 1 or j == rank:
+                    self.issue_group(tma_atom, tma_kv, mPageTable, b, t0, sK0, 0, j, mbar, mbar_free, phase)
+            if t0 + 1 < t_end:
+                for j in cutlass.range_constexpr(2):
+                    if self.cluster == 1 or j == rank:
+                        self.issue_group(tma_atom, tma_kv, mPageTable, b, t0 + 1, sK1, 1, j, mbar, mbar_free,
+                                         phase)
 
     @cute.jit
     def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
         """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
         contiguous cache rows. Issued at the top of the step before their use, so their bytes are on
-        the way from HBM before that step's cp.async loads (issued as columns free) ask for them."""
+        the way from HBM before that step's TMA loads (issued as columns free) ask for them."""
         for j in cutlass.range_constexpr(2):
             if tile + j < t_end:
                 gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
@@ -223,11 +291,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                   mbar_early, mbar_late, phase):
         """S = Q K^T of a tile whose column groups arrive on two mbarriers: the first group's
         MMAs run while the second is still landing."""
-        cute.arch.mbarrier_wait(mbar_early, phase)
-        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.mbarrier_wait(mbar_early, phase)  # TMA writes are async-proxy: no fence needed
         self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, early, True)
         cute.arch.mbarrier_wait(mbar_late, phase)
-        cute.arch.fence_proxy("async.shared", space="cta")
         self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, late, False)
         warpgroup.wait_group(0)
 
@@ -305,7 +371,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         rP.store(acc_S.load().to(self.dtype))
         cute.copy(p_copy, tPrP, tPsP)
         cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier_arrive(barrier_id=barrier_id, number_of_threads=NUM_THREADS)
+        cute.arch.barrier_arrive(barrier_id=barrier_id, number_of_threads=MATH_THREADS)
 
     @cute.jit
     def rescale(self, acc_O_mn, row_sum, factor, acc_S_mn):
@@ -330,6 +396,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         self,
         mQ: cute.Tensor,
         mKV: cute.Tensor,
+        tma_atom: cute.CopyAtom,
+        tma_kv: cute.Tensor,
         mPageTable: cute.Tensor,
         mSeqlens: cute.Tensor,
         mOPart: cute.Tensor,
@@ -339,7 +407,6 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
         q_copy: cute.TiledCopy,
-        chunk_copy: cute.TiledCopy,
         p_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
         mma_pv_ss: cute.TiledMma,
@@ -366,6 +433,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sScale = storage.sScale.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
         sSum = storage.sSum.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
         mbar = storage.mbar.data_ptr()  # [K0 early, K0 late, K1 early, K1 late]
+        mbar_free = storage.free.data_ptr()  # same order
         sK0 = sKV[None, None, 0]
         sK1 = sKV[None, None, 1]
         # P of a tile's warpgroup, for the other one: the tile's rope columns (dead after its S)
@@ -376,165 +444,181 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
         if tidx == 0:
             for i in cutlass.range_constexpr(4):
-                cute.arch.mbarrier_init(mbar + i, 128)
+                cute.arch.mbarrier_init(mbar + i, 1)
+                cute.arch.mbarrier_init(mbar_free + i, self.cluster)
         cute.arch.mbarrier_init_fence()
         if tidx < BLOCK_M:
             sM[tidx] = MAX_INIT
-
-        # ---- Q (all threads, one commit group), then the first two tiles' column groups ----
-        thr_q = q_copy.get_slice(tidx)
-        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
-        tQgQ = thr_q.partition_S(gQ)
-        tQsQ = thr_q.partition_D(sQ)
-        tQc = thr_q.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
-        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
-            if row0 + tQc[0, r, 0][0] < self.M:
-                cute.copy(q_copy, tQgQ[None, r, None], tQsQ[None, r, None])
-            else:
-                tQsQ[None, r, None].fill(0)
-        cute.arch.cp_async_commit_group()
-        thr_ld = chunk_copy.get_slice(wg_tidx)
-        if t_begin < t_end:
-            if wg == 0:
-                self.load_chunks(mKV, mPageTable, b, t_begin, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
-            else:
-                self.load_chunks(mKV, mPageTable, b, t_begin, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
-        if t_begin + 1 < t_end:
-            if wg == 0:
-                self.load_chunks(mKV, mPageTable, b, t_begin + 1, sK1, K1_LATE, thr_ld, chunk_copy, mbar + 3)
-            else:
-                self.load_chunks(mKV, mPageTable, b, t_begin + 1, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
-        cute.arch.cp_async_commit_group()
-        cute.arch.cp_async_wait_group(1)  # this thread's part of Q
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.sync_threads()  # Q, sM and the mbarriers' init visible to all
-
-        # ---- fragments: S of this warpgroup's tile (m64 n64); O over this warpgroup's Dv half ----
-        thr_qk = mma_qk.get_slice(wg_tidx)
-        thr_ss = mma_pv_ss.get_slice(wg_tidx)
-        thr_rs = mma_pv_rs.get_slice(wg_tidx)
-        tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        tSrK0 = mma_qk.make_fragment_B(thr_qk.partition_B(sK0))
-        tSrK1 = mma_qk.make_fragment_B(thr_qk.partition_B(sK1))
-        tOrV0 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt0))
-        tOrV1 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt1))
-        tOrV0_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt0))
-        tOrV1_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt1))
-        tOrP0 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP0))  # WG1 reads P0 from smem
-        tOrP1 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP1))  # WG0 reads P1 from smem
-        thr_p = p_copy.get_slice(wg_tidx)
-        tPsP0 = thr_p.partition_D(sP0)  # where WG0 writes P0
-        tPsP1 = thr_p.partition_D(sP1)  # where WG1 writes P1
-
-        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BN)), cutlass.Float32)
-        acc_S_mn = _mn_view_sm90(acc_S)
-        acc_O = cute.make_rmem_tensor(thr_rs.partition_shape_C((BLOCK_M, self.dv_half)), cutlass.Float32)
-        acc_O.fill(0.0)
-        acc_O_mn = _mn_view_sm90(acc_O)
-        rP = cute.make_fragment_like(acc_S, self.dtype)
-        tOrP_rs = cute.make_tensor(rP.iterator, _acc_as_A_operand_sm90(rP.layout))
-        tPrP = thr_p.retile(rP)
-
-        tScS_mn = _mn_view_sm90(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BN))))
-        rows = cute.make_rmem_tensor((2,), cutlass.Int32)  # this thread's two rows of S and O
-        row_limit = cute.make_rmem_tensor((2,), cutlass.Int32)
-        row_sum = cute.make_rmem_tensor((2,), cutlass.Float32)  # this warpgroup's P, partial
-        tile_max = cute.make_rmem_tensor((2,), cutlass.Float32)
-        for r in cutlass.range_constexpr(2):
-            rows[r] = tScS_mn[r, 0][0]
-            row_limit[r] = n - self.Q + cutlass.min(row0 + rows[r], self.M - 1) // self.H
-            row_sum[r] = 0.0
-
-        # ---- prologue: S of the first step's tiles ----
-        if wg == 0:
-            if t_begin < t_end:
-                self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0)
+        # the mbarriers are initialised before any load (of either CTA of a pair) uses them
+        if cutlass.const_expr(self.cluster > 1):
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
         else:
-            if t_begin + 1 < t_end:
-                self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
+            cute.arch.sync_threads()
 
-        for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
-            t1 = t0 + 1
-            if tidx == 0:  # the next step's tiles (a step ahead: see the module docstring)
-                self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
-            has1 = t1 < t_end
-            next_phase = ((t0 - t_begin) // 2 + 1) % 2
-            if wg == 0:
-                # (a) softmax of S0 against the running max m1 of the last step -> m0; P0 (max m0)
-                # goes to smem at once, with m0 and the factor: WG1 starts O_R += P0 V0_R with it
-                self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
-                fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
-                self.share_p(acc_S, rP, p_copy, tPrP, tPsP0, BAR_P0)
-                self.rescale(acc_O_mn, row_sum, fac0, acc_S_mn)
-                # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
-                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
-                self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
-                warpgroup.wait_group(0)
-                if t0 + 2 < t_end:
-                    self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_EARLY, thr_ld, chunk_copy, mbar + 0)
-                # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free
-                if has1:
-                    cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=NUM_THREADS)
-                    self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 1)
-                    self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
-                    self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
-                    warpgroup.wait_group(0)
-                    if t0 + 3 < t_end:
-                        self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_LATE, thr_ld, chunk_copy, mbar + 3)
-                # (d) the next step's S0 (its columns were freed early in this step)
-                if t0 + 2 < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, next_phase)
-            else:
-                # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
-                cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=NUM_THREADS)
-                self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 0)
-                self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
-                self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
-                if has1:
-                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
-                    fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
-                    self.share_p(acc_S, rP, p_copy, tPrP, tPsP1, BAR_P1)
-                    warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
-                    if t0 + 2 < t_end:
-                        self.load_chunks(mKV, mPageTable, b, t0 + 2, sK0, K0_LATE, thr_ld, chunk_copy, mbar + 1)
-                    # (b) O_R to m1, O_R += P1 V1_R from registers; then K1's 256-511 are free
-                    self.rescale(acc_O_mn, row_sum, fac1, acc_S_mn)
-                    self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
-                    self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
-                    warpgroup.wait_group(0)
-                    if t0 + 3 < t_end:
-                        self.load_chunks(mKV, mPageTable, b, t0 + 3, sK1, K1_EARLY, thr_ld, chunk_copy, mbar + 2)
-                        # (c) the next step's S1
-                        self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
-                                       next_phase)
+        if tidx >= MATH_THREADS:  # the producer warpgroup: one warp issues the KV loads
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            if tidx < MATH_THREADS + 32:
+                rank = cute.arch.block_idx_in_cluster() if cutlass.const_expr(self.cluster > 1) else 0
+                self.produce(tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar,
+                             mbar_free)
+        else:
+            cute.arch.setmaxregister_increase(MATH_REGS)
+            # ---- Q by cp.async; the first two tiles' column groups released to the producer ----
+            thr_q = q_copy.get_slice(tidx)
+            gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
+            tQgQ = thr_q.partition_S(gQ)
+            tQsQ = thr_q.partition_D(sQ)
+            tQc = thr_q.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
+            for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+                if row0 + tQc[0, r, 0][0] < self.M:
+                    cute.copy(q_copy, tQgQ[None, r, None], tQsQ[None, r, None])
                 else:
-                    warpgroup.wait_group(0)
+                    tQsQ[None, r, None].fill(0)
+            cute.arch.cp_async_commit_group()
+            if t_begin < t_end:
+                if wg == 0:
+                    self.release(0, 0, wg_tidx, mbar, mbar_free)
+                else:
+                    self.release(0, 1, wg_tidx, mbar, mbar_free)
+            if t_begin + 1 < t_end:
+                if wg == 0:
+                    self.release(1, 1, wg_tidx, mbar, mbar_free)
+                else:
+                    self.release(1, 0, wg_tidx, mbar, mbar_free)
+            cute.arch.cp_async_wait_group(0)  # this thread's part of Q
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # Q and sM visible to both
 
-        # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
-        cute.arch.sync_threads()  # sM final; no cp.async left in flight (every load was waited for)
-        for r in cutlass.range_constexpr(2):
-            row_sum[r] = xor_sum(row_sum[r], QUAD)
-            if lane % 4 == 0:
-                sSum[rows[r], wg] = row_sum[r]
-        cute.arch.sync_threads()
-        for r in cutlass.range_constexpr(2):
-            total = sSum[rows[r], 0] + sSum[rows[r], 1]
-            empty = total == 0.0
-            inv = 0.0 if empty else 1.0 / total
-            lse = -cutlass.Float32.inf if empty else (sM[rows[r]] + cute.math.log2(total)) * 0.6931471805599453
-            acc_O_mn[r, None] = acc_O_mn[r, None].load() * inv
-            m = row0 + rows[r]
+            # ---- fragments: S of this warpgroup's tile (m64 n64); O over this warpgroup's Dv half ----
+            thr_qk = mma_qk.get_slice(wg_tidx)
+            thr_ss = mma_pv_ss.get_slice(wg_tidx)
+            thr_rs = mma_pv_rs.get_slice(wg_tidx)
+            tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+            tSrK0 = mma_qk.make_fragment_B(thr_qk.partition_B(sK0))
+            tSrK1 = mma_qk.make_fragment_B(thr_qk.partition_B(sK1))
+            tOrV0 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt0))
+            tOrV1 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt1))
+            tOrV0_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt0))
+            tOrV1_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt1))
+            tOrP0 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP0))  # WG1 reads P0 from smem
+            tOrP1 = mma_pv_ss.make_fragment_A(thr_ss.partition_A(sP1))  # WG0 reads P1 from smem
+            thr_p = p_copy.get_slice(wg_tidx)
+            tPsP0 = thr_p.partition_D(sP0)  # where WG0 writes P0
+            tPsP1 = thr_p.partition_D(sP1)  # where WG1 writes P1
+
+            acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BLOCK_M, BN)), cutlass.Float32)
+            acc_S_mn = _mn_view_sm90(acc_S)
+            acc_O = cute.make_rmem_tensor(thr_rs.partition_shape_C((BLOCK_M, self.dv_half)), cutlass.Float32)
+            acc_O.fill(0.0)
+            acc_O_mn = _mn_view_sm90(acc_O)
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            tOrP_rs = cute.make_tensor(rP.iterator, _acc_as_A_operand_sm90(rP.layout))
+            tPrP = thr_p.retile(rP)
+
+            tScS_mn = _mn_view_sm90(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BN))))
+            rows = cute.make_rmem_tensor((2,), cutlass.Int32)  # this thread's two rows of S and O
+            row_limit = cute.make_rmem_tensor((2,), cutlass.Int32)
+            row_sum = cute.make_rmem_tensor((2,), cutlass.Float32)  # this warpgroup's P, partial
+            tile_max = cute.make_rmem_tensor((2,), cutlass.Float32)
+            for r in cutlass.range_constexpr(2):
+                rows[r] = tScS_mn[r, 0][0]
+                row_limit[r] = n - self.Q + cutlass.min(row0 + rows[r], self.M - 1) // self.H
+                row_sum[r] = 0.0
+
+            # ---- prologue: S of the first step's tiles ----
             if wg == 0:
-                if lane % 4 == 0:
-                    if m < self.M:
-                        mLsePart[b, split, m] = lse
+                if t_begin < t_end:
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0)
+            else:
+                if t_begin + 1 < t_end:
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
 
-        cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
-        col0 = wg * self.dv_half
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            m = row0 + cO[i][0]
-            if m < self.M:
-                mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+            for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
+                t1 = t0 + 1
+                if tidx == 0 and m_block % self.cluster == 0:  # the next step's tiles, a step ahead
+                    self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
+                has1 = t1 < t_end
+                next_phase = ((t0 - t_begin) // 2 + 1) % 2
+                if wg == 0:
+                    # (a) softmax of S0 against the running max m1 of the last step -> m0; P0 (max m0)
+                    # goes to smem at once, with m0 and the factor: WG1 starts O_R += P0 V0_R with it
+                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
+                    fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
+                    self.share_p(acc_S, rP, p_copy, tPrP, tPsP0, BAR_P0)
+                    self.rescale(acc_O_mn, row_sum, fac0, acc_S_mn)
+                    # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
+                    self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                    self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
+                    warpgroup.wait_group(0)
+                    if t0 + 2 < t_end:
+                        self.release(0, 0, wg_tidx, mbar, mbar_free)
+                    # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free
+                    if has1:
+                        cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=MATH_THREADS)
+                        self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 1)
+                        self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
+                        self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
+                        warpgroup.wait_group(0)
+                        if t0 + 3 < t_end:
+                            self.release(1, 1, wg_tidx, mbar, mbar_free)
+                    # (d) the next step's S0 (its columns were freed early in this step)
+                    if t0 + 2 < t_end:
+                        self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, next_phase)
+                else:
+                    # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
+                    cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=MATH_THREADS)
+                    self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 0)
+                    self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
+                    self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
+                    if has1:
+                        self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
+                        fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
+                        self.share_p(acc_S, rP, p_copy, tPrP, tPsP1, BAR_P1)
+                        warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
+                        if t0 + 2 < t_end:
+                            self.release(0, 1, wg_tidx, mbar, mbar_free)
+                        # (b) O_R to m1, O_R += P1 V1_R from registers; then K1's 256-511 are free
+                        self.rescale(acc_O_mn, row_sum, fac1, acc_S_mn)
+                        self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
+                        self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
+                        warpgroup.wait_group(0)
+                        if t0 + 3 < t_end:
+                            self.release(1, 0, wg_tidx, mbar, mbar_free)
+                            # (c) the next step's S1
+                            self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
+                                           next_phase)
+                    else:
+                        warpgroup.wait_group(0)
+
+            # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
+            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # sM final; every load was waited for
+            for r in cutlass.range_constexpr(2):
+                row_sum[r] = xor_sum(row_sum[r], QUAD)
+                if lane % 4 == 0:
+                    sSum[rows[r], wg] = row_sum[r]
+            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)
+            for r in cutlass.range_constexpr(2):
+                total = sSum[rows[r], 0] + sSum[rows[r], 1]
+                empty = total == 0.0
+                inv = 0.0 if empty else 1.0 / total
+                lse = -cutlass.Float32.inf if empty else (sM[rows[r]] + cute.math.log2(total)) * 0.6931471805599453
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * inv
+                m = row0 + rows[r]
+                if wg == 0:
+                    if lane % 4 == 0:
+                        if m < self.M:
+                            mLsePart[b, split, m] = lse
+
+            cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
+            col0 = wg * self.dv_half
+            for i in cutlass.range_constexpr(cute.size(acc_O)):
+                m = row0 + cO[i][0]
+                if m < self.M:
+                    mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+        if cutlass.const_expr(self.cluster > 1):  # no CTA of a pair exits while the other may use it
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
 
 def _acc_as_A_operand_sm90(acc_layout):

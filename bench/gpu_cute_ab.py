@@ -1,0 +1,63 @@
+"""A/B timing of one CuTe mla_decode build against another, in separate processes.
+
+A kernel knob that changes generated code (a temporary environment switch read at import, with
+``TOKENSPEED_CUTE_CACHE=0`` so nothing is served from the disk cache) is compared by running this
+script once per setting, interleaved, on the same warm machine:
+
+    for i in 1 2; do for v in 1 0; do
+      TOKENSPEED_CUTE_CACHE=0 SOME_SWITCH=$v python3 bench/gpu_cute_ab.py --label "switch=$v" \
+          --rows "1,1,128,65536;64,4,128,16384"
+    done; done
+
+Each row: the default variant's time (CUDA-graph replay, L2 flushed, median) and its largest
+difference from the Triton kernel's output on the same inputs (a wrong build shows here). One
+JSON line per row; ``--out`` appends them to ``ab.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from gpu_cute_mla_decode import bench_inputs, build_registry  # noqa: E402
+from tokenspeed_core.bench import time_calls  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--label", required=True, help="what this process's build is (printed on every row)")
+    ap.add_argument("--rows", required=True, help="'B,q,H,s_k;...'")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    reg = build_registry()
+    triton = reg.backend("mla_decode", "triton")
+    from tokenspeed_kernels_blackwell import mla_decode as cm
+
+    for r in args.rows.split(";"):
+        b, ql, h, s = (int(x) for x in r.split(","))
+        a = bench_inputs(dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16), device)
+        triton.fn(**a)
+        ref = a["out"].clone()
+        a["out"].fill_(float("nan"))
+        cm.mla_decode(**a)
+        diff = float((a["out"].float() - ref.float()).abs().max())
+        t = time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us
+        row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, cute_us=round(t, 1),
+                   max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0))
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(os.path.join(args.out, "ab.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del a, ref
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
