@@ -82,7 +82,9 @@ def _supports(sig) -> str | None:
 # (mla_decode_kernel_v3.py). "v4": v3, except where H x q_len <= 32: there the KV rows are the
 # MMA's M axis and the query rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
 # "v5": v4, except where H x q_len > SEESAW_FROM_ROWS with a 16-bit cache: there two KV tiles per
-# step, one whole S per warpgroup and FlashMLA's see-saw PV (mla_decode_kernel_v5.py).
+# step, one whole S per warpgroup and FlashMLA's see-saw PV, the KV loaded by TMA from a producer
+# warp, and a request's m-blocks in pairs (2-CTA clusters sharing each tile by multicast)
+# (mla_decode_kernel_v5.py).
 # Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
 # once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
@@ -350,7 +352,8 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 # -- registration --------------------------------------------------------------------------------
 _KERNEL_DESC = {"v3": "wgmma, one S per CTA, 2-stage cp.async",
                 "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3",
-                "v5": "v4; two KV tiles per step with see-saw PV where H x q_len > 64 (16-bit cache)"}
+                "v5": "v4; where H x q_len > 64 (16-bit cache): two KV tiles per step, see-saw PV, "
+                      "TMA producer warp, m-block pairs sharing tiles by multicast"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
     f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")

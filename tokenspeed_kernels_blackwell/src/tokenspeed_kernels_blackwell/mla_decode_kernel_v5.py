@@ -36,7 +36,7 @@ known (its design, our code; docs/cute.md, "v5"):
   8 m-blocks a request the kernel was L2-bound (ncu: 93.8% of L2 throughput, B 64, q 4, H 128,
   run 22); the pair is 1.10-1.19x faster on the compute-bound rows and the H 32 spec rows (run
   24). An odd number of m-blocks runs unpaired. A first protocol (the CTA that freed a group
-  second, found with a remote atomic, issued it) was 1.2-1.3x *slower*: the atomic's round trip
+  second, found with a remote atomic, issued it) was 1.17-1.26x *slower*: the atomic's round trip
   sat on the math warps' critical path (run 23).
 - Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
   before its use; at the top of each step one thread (of the pair's first CTA) issues an L2
@@ -55,10 +55,10 @@ known (its design, our code; docs/cute.md, "v5"):
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
 Status: the default for > 64 folded rows with a 16-bit cache (full conformance grid on an H100;
-graph replay == eager). Numbers: docs/perf/cute.md (runs 9-24). Dropped after measuring: WG1
+graph replay == eager). Numbers: docs/perf/cute.md (runs 9-26). Dropped after measuring: WG1
 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
 mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
-protocol (run 23).
+protocol (run 23), clusters of 4 (run 26).
 """
 
 from __future__ import annotations
