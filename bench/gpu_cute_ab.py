@@ -24,8 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
 from gpu_cute_mla_decode import bench_inputs, build_registry  # noqa: E402
+
 from tokenspeed_core.bench import time_calls  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
         a["out"].fill_(float("nan"))
         cm.mla_decode(**a)
         diff = float((a["out"].float() - ref.float()).abs().max())
-        t = time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us
+        t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True).median_us
         row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, cute_us=round(t, 1),
                    max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0))
         print(json.dumps(row), flush=True)
