@@ -24,12 +24,16 @@ import torch  # noqa: E402
 from tokenspeed_core.ops.mla_decode import reference  # noqa: E402
 
 
-def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, gen=None):
+def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, gen=None, fp8=False):
     dev = "cuda"
     pages = max(1, max(-(-n // ps) for n in lens))
     num_pages = B * pages + 2
     cache = torch.randn((num_pages, ps, 576), generator=gen, device=dev, dtype=dtype)
     cache[-1] = float("nan")  # stale rows of the pages in use are NaN below
+    kv_scale = 1.0
+    if fp8:  # values ~ N(0, 1 / kv_scale): the dequantised rows are ~ N(0, 1)
+        kv_scale = 0.05
+        cache = (cache / kv_scale).to(torch.float8_e4m3fn)
     table = torch.randperm(num_pages - 1, device=dev, generator=gen)[: B * pages].view(B, pages).int()
     for b, n in enumerate(lens):  # poison the unused tail of each request's last page
         if n % ps:
@@ -39,13 +43,15 @@ def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, ge
     out = torch.full((B, Q, H, 512), float("nan"), device=dev, dtype=dtype)
     lse = torch.full((B, Q, H), float("nan"), device=dev, dtype=torch.float32)
     scale = 1.0 / math.sqrt(192)
-    md.mla_decode(q, cache, table, seqlens, out, lse, scale, 512, 1.0, variant=variant, num_kv_splits=splits)
+    md.mla_decode(q, cache, table, seqlens, out, lse, scale, 512, kv_scale, variant=variant,
+                  num_kv_splits=splits)
     torch.cuda.synchronize()
     ro = torch.empty((B, Q, H, 512), dtype=torch.float64, device=dev)
     rl = torch.empty((B, Q, H), dtype=torch.float64, device=dev)
-    reference(q.double(), cache.double(), table, seqlens, ro, rl, scale)
+    reference(q.double(), cache.double(), table, seqlens, ro, rl, scale, kv_scale=kv_scale)
     err_o = (out.double() - ro).abs().max().item()
-    err_l = (lse.double() - rl).abs().max().item()
+    same_inf = (lse.double() == rl) & rl.isinf()  # an empty request: -inf on both sides
+    err_l = torch.where(same_inf, 0.0, lse.double() - rl).abs().max().item()
     ok = err_o < 2e-2 and err_l < 1e-3 and not out.isnan().any().item()
     return ok, err_o, err_l
 
@@ -58,7 +64,7 @@ def main():
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    cases = [  # (B, Q, H, lens, splits)
+    cases = [  # (B, Q, H, lens, splits[, fp8 cache]); one split: out and lse written by the split kernel
         (1, 1, 128, [1], 1),
         (1, 1, 128, [64], 1),
         (1, 1, 128, [65], 1),
@@ -78,13 +84,20 @@ def main():
         (2, 1, 16, [65, 3000], 4),
         (3, 2, 16, [64, 129, 700], 40),
         (2, 1, 32, [1000, 5], 3),
+        (3, 1, 128, [0, 100, 64], 1),  # an empty request: lse -inf, out 0
+        (3, 4, 16, [300, 0, 4], 1),
+        (3, 1, 16, [0, 5, 640], 1),
+        (2, 3, 32, [0, 777], 1),
+        (2, 1, 16, [129, 1000], 1, True),  # fp8: kv_scale applied by the split kernel
+        (2, 4, 16, [129, 1000], 1, True),
+        (2, 4, 32, [129, 1000], 1, True),
     ]
     t0 = time.time()
     fails = 0
-    for B, Q, H, lens, splits in cases:
-        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen)
+    for B, Q, H, lens, splits, *fp8 in cases:
+        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen, fp8=bool(fp8))
         fails += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits}: "
+        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits} fp8={bool(fp8)}: "
               f"max|dO|={eo:.2e} max|dLSE|={el:.2e}", flush=True)
     print(f"smoke {args.variant}: {len(cases) - fails}/{len(cases)} ok in {time.time() - t0:.1f}s")
     sys.exit(1 if fails else 0)

@@ -250,6 +250,10 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
         # the combine may be scheduled once the split loop is done (a combine CTA fits beside)
         assert "griddepcontrol.launch_dependents" in split and all("griddepcontrol.wait" in c for c in combine)
+        # one split a request: this kernel writes out itself, a 16-bit store per O element of a
+        # thread in the M real rows (its elements are adjacent query rows, not columns: no
+        # pairs); every class here has M >= 16, so at least Dv x 16 / 128 of them
+        assert 512 * 16 // 128 <= split.count("st.global.b16") <= 512 * int(mmas[0][0]) // 128, p
     assert widths == {16, 32}  # no padding of the query rows to 64
 
 
@@ -291,6 +295,15 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
             assert "griddepcontrol.wait" in combine, variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
         assert "griddepcontrol.launch_dependents" not in split, variant
+        assert_one_split_writes_out(split)
+
+
+def assert_one_split_writes_out(split: str):
+    """The epilogue of v3 / v5 (a thread: 2 rows x 64 column pairs of O): with one split a
+    request, O goes straight to out as packed pairs of 16-bit values, else to the fp32
+    partials; the LSE to lse or the partial LSE. 32-bit stores: 64 pairs + 128 partials + 2 x 2."""
+    assert split.count("st.global.b32") == 64 + 128 + 4, split.count("st.global.b32")
+    assert "st.global.b16" not in split  # no unpaired 16-bit stores
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
@@ -350,6 +363,7 @@ def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
         assert "fence.proxy.async.shared::cta" in split
         # a split CTA (~217 KB of smem) leaves no room for a combine CTA: no early trigger
         assert "griddepcontrol.launch_dependents" not in split
+        assert_one_split_writes_out(split)
 
 
 ALL_CLASSES_SCRIPT = textwrap.dedent("""

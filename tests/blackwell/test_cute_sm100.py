@@ -154,6 +154,8 @@ def _check_ptx(path: str, arch: str) -> None:
     assert len(entries) == 3, (name, len(entries))  # the split stage, the combine's two builds
     (split,) = [e for e in entries if "attention_kernel" in e[:160]]
     assert ".reqntid 128, 1, 1" in split, name
+    # this kernel always leaves out and lse to the combine (it never writes a 16-bit value)
+    assert not k.MlaDecodeSplitKVTcgen05.one_split_direct and "st.global.b16" not in split, name
     # no other generation's tensor-core path
     assert "mma.sync" not in text and "wgmma" not in text, name
 

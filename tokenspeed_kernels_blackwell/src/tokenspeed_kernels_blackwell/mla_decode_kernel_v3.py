@@ -45,6 +45,8 @@ from .mla_decode_kernel_v2 import (
 class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
     """v3: 64-row KV tiles, S split by columns between the two warpgroups, P shared in smem."""
 
+    one_split_direct = True  # one split a request: out and lse written here, no combine
+
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
                  combine_batch=16, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n, stages,
@@ -122,7 +124,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v3(
-            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse, scale_log2, kv_scale,
             sQ_layout, sKV_layout, sVt_layout, sP_layout, sStage_layout, g2s_copy, kv_copy, cvt_copy,
             mma_qk, mma_pv, SharedStorage,
         ).launch(
@@ -142,7 +144,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         mSeqlens: cute.Tensor,
         mOPart: cute.Tensor,
         mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
         scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
@@ -315,14 +320,10 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             if wg == 0:
                 if tidx % 4 == 0:
                     if m < self.M:
-                        mLsePart[b, split, m] = lse
+                        self.store_lse(mLsePart, mLse, b, split, num_splits, m, lse)
 
         cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
-        col0 = wg * self.dv_half
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            m = row0 + cO[i][0]
-            if m < self.M:
-                mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+        self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
 
 
 __all__ = ["MlaDecodeSplitKVSharedS"]

@@ -41,6 +41,8 @@ KV_ROWS = 64  # a KV tile = the wgmma M
 class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
     """v4: one warpgroup, KV rows on the MMA M axis, query rows on N (M = H x q_len <= 32)."""
 
+    one_split_direct = True  # one split a request: out and lse written here, no combine
+
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
                  combine_batch=16, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, KV_ROWS, stages,
@@ -111,7 +113,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
         self.attention_kernel_v4(
-            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse, scale_log2, kv_scale,
             sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, kv_copy, mma_s, mma_o, SharedStorage,
         ).launch(
             grid=[1, num_splits, batch],
@@ -130,7 +132,10 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         mSeqlens: cute.Tensor,
         mOPart: cute.Tensor,
         mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
         scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
@@ -317,13 +322,10 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             if warp == 0:
                 if lane < 4:
                     if q < self.M:
-                        mLsePart[b, split, q] = lse
+                        self.store_lse(mLsePart, mLse, b, split, num_splits, q, lse)
 
         cO = thr_o.partition_C(cute.make_identity_tensor((self.Dv, N)))
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            q = cO[i][1]
-            if q < self.M:
-                mOPart[b, split, q, cO[i][0]] = acc_O[i]
+        self.store_result(acc_O, cO, 0, 0, mOPart, mOut, b, split, num_splits, kv_scale, transposed=True)
 
 
     @cute.jit

@@ -55,7 +55,7 @@ known (its design, our code; docs/cute.md, "v5"):
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
 Status: the default for > 64 folded rows with a 16-bit cache (full conformance grid on an H100;
-graph replay == eager). Numbers: docs/perf/cute.md (runs 9-26). Dropped after measuring: WG1
+graph replay == eager). Numbers: docs/perf/cute.md (runs 9-30). Dropped after measuring: WG1
 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
 mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
 protocol (run 23), clusters of 4 (run 26).
@@ -111,6 +111,8 @@ def prefetch_l2(addr, nbytes: int, *, loc=None, ip=None):
 
 class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
     """v5: two 64-row KV tiles per step; each warpgroup computes one whole S, see-saw PV."""
+
+    one_split_direct = True  # one split a request: out and lse written here, no combine
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
                  combine_batch=16):
@@ -188,7 +190,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v5(
-            mQ, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            mQ, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse, scale_log2, kv_scale,
             sQ_layout, sKV_layout, sVt_layout, q_copy, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
             SharedStorage,
         ).launch(
@@ -402,7 +404,10 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         mSeqlens: cute.Tensor,
         mOPart: cute.Tensor,
         mLsePart: cute.Tensor,
+        mOut: cute.Tensor,
+        mLse: cute.Tensor,
         scale_log2: cutlass.Float32,
+        kv_scale: cutlass.Float32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
@@ -608,14 +613,10 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 if wg == 0:
                     if lane % 4 == 0:
                         if m < self.M:
-                            mLsePart[b, split, m] = lse
+                            self.store_lse(mLsePart, mLse, b, split, num_splits, m, lse)
 
             cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
-            col0 = wg * self.dv_half
-            for i in cutlass.range_constexpr(cute.size(acc_O)):
-                m = row0 + cO[i][0]
-                if m < self.M:
-                    mOPart[b, split, m, col0 + cO[i][1]] = acc_O[i]
+            self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
         if cutlass.const_expr(self.cluster > 1):  # no CTA of a pair exits while the other may use it
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
