@@ -11,7 +11,10 @@ script once per setting, interleaved, on the same warm machine:
 
 Each row: the default variant's time (CUDA-graph replay, L2 flushed, median) and its largest
 difference from the Triton kernel's output on the same inputs (a wrong build shows here). One
-JSON line per row; ``--out`` appends them to ``ab.jsonl``.
+JSON line per row; ``--out`` appends them to ``ab.jsonl``. ``--src DIR`` imports the kernel
+package from DIR instead (another checkout's ``tokenspeed_kernels_blackwell/src``: the build
+before a change, copied beside the tree); ``--kernels`` adds each kernel's own device time
+(torch.profiler, eager calls: split stage and combine apart).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from gpu_cute_latency import kernel_times  # noqa: E402
 from gpu_cute_mla_decode import bench_inputs, build_registry  # noqa: E402
 
 from tokenspeed_core.bench import time_calls  # noqa: E402
@@ -34,7 +38,11 @@ def main():
     ap.add_argument("--label", required=True, help="what this process's build is (printed on every row)")
     ap.add_argument("--rows", required=True, help="'B,q,H,s_k;...'")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--src", default="", help="import tokenspeed_kernels_blackwell from this directory")
+    ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     args = ap.parse_args()
+    if args.src:
+        sys.path.insert(0, os.path.abspath(args.src))
     device = torch.device("cuda")
     reg = build_registry()
     triton = reg.backend("mla_decode", "triton")
@@ -51,6 +59,11 @@ def main():
         t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True).median_us
         row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, cute_us=round(t, 1),
                    max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0))
+        if args.kernels:
+            try:
+                row["kernel_us"] = kernel_times(lambda a=a: cm.mla_decode(**a))
+            except Exception as exc:  # the timing above stands without it
+                row["kernel_us"] = f"{type(exc).__name__}: {str(exc)[:100]}"
         print(json.dumps(row), flush=True)
         if args.out:
             with open(os.path.join(args.out, "ab.jsonl"), "a") as f:
