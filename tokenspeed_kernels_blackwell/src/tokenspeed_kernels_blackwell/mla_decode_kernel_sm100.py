@@ -198,16 +198,8 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         tmem.allocate(TMEM_COLS)
 
         # ---- Q once, then the first KV tile (one cp.async commit group each) ----
+        self.load_q(mQ, sQ, b, m_block, row0, g2s_copy, tidx, BLOCK_M)
         thr_g2s = g2s_copy.get_slice(tidx)
-        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
-        tQgQ = thr_g2s.partition_S(gQ)
-        tQsQ = thr_g2s.partition_D(sQ)
-        tQc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
-        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
-            if row0 + tQc[0, r, 0][0] < self.M:
-                cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
-            else:
-                tQsQ[None, r, None].fill(0)
         tKVc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_N, self.D)))
         if t_begin < t_end:
             self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin, 0, sKV, thr_g2s, g2s_copy, tKVc)

@@ -46,6 +46,20 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
         self.dv_half = head_dim_v // 2
 
     @cute.jit
+    def load_q(self, mQ, sQ, b, m_block, row0, tiled_copy, tidx, block_m: cutlass.Constexpr):
+        """cp.async of this CTA's ``block_m`` folded query rows into ``sQ`` (not committed); rows
+        past M are zero-filled (the padding of the last m-block)."""
+        thr = tiled_copy.get_slice(tidx)
+        tQgQ = thr.partition_S(cute.local_tile(mQ[b, None, None], (block_m, self.D), (m_block, 0)))
+        tQsQ = thr.partition_D(sQ)
+        tQc = thr.partition_S(cute.make_identity_tensor((block_m, self.D)))
+        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
+            if row0 + tQc[0, r, 0][0] < self.M:
+                cute.copy(tiled_copy, tQgQ[None, r, None], tQsQ[None, r, None])
+            else:
+                tQsQ[None, r, None].fill(0)
+
+    @cute.jit
     def load_kv_tile_v2(self, mKV, mPageTable, b, n, tile, stage, sKV, thr_g2s, g2s_copy, tKVc):
         """cp.async of KV tile ``tile`` (block_n rows inside one page) into ring slot ``stage``;
         rows at or past ``n`` are zero-filled (a stale cache may hold NaN; 0 x NaN = NaN)."""

@@ -184,16 +184,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         sRow = storage.sRow.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
 
         # ---- Q once, then the first STAGES - 1 KV tiles (one commit group each) ----
-        thr_g2s = g2s_copy.get_slice(tidx)
-        gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
-        tQgQ = thr_g2s.partition_S(gQ)
-        tQsQ = thr_g2s.partition_D(sQ)
-        tQc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
-        for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
-            if row0 + tQc[0, r, 0][0] < self.M:
-                cute.copy(g2s_copy, tQgQ[None, r, None], tQsQ[None, r, None])
-            else:
-                tQsQ[None, r, None].fill(0)
+        self.load_q(mQ, sQ, b, m_block, row0, g2s_copy, tidx, BLOCK_M)
         thr_kv = kv_copy.get_slice(tidx)
         tKVc = thr_kv.partition_S(cute.make_identity_tensor((BN, self.D)))
         for s in cutlass.range_constexpr(STAGES - 1):

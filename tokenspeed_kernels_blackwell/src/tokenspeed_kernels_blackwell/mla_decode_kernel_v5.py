@@ -470,16 +470,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         else:
             cute.arch.setmaxregister_increase(MATH_REGS)
             # ---- Q by cp.async; the first two tiles' column groups released to the producer ----
-            thr_q = q_copy.get_slice(tidx)
-            gQ = cute.local_tile(mQ[b, None, None], (BLOCK_M, self.D), (m_block, 0))
-            tQgQ = thr_q.partition_S(gQ)
-            tQsQ = thr_q.partition_D(sQ)
-            tQc = thr_q.partition_S(cute.make_identity_tensor((BLOCK_M, self.D)))
-            for r in cutlass.range_constexpr(cute.size(tQsQ.shape[1])):
-                if row0 + tQc[0, r, 0][0] < self.M:
-                    cute.copy(q_copy, tQgQ[None, r, None], tQsQ[None, r, None])
-                else:
-                    tQsQ[None, r, None].fill(0)
+            self.load_q(mQ, sQ, b, m_block, row0, q_copy, tidx, BLOCK_M)
             cute.arch.cp_async_commit_group()
             if t_begin < t_end:
                 if wg == 0:
