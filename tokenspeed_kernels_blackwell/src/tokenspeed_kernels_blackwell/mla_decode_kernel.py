@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
 
 from .mla_decode_combine import SplitKVCombine
 
@@ -35,6 +37,38 @@ BLOCK_M = 64  # folded (q_len x heads) rows per CTA (the wgmma M)
 PAGE_TILE = 64  # a KV tile never crosses a page: page sizes are multiples of this
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
+
+# The timing probe (bench/gpu_cute_stamps.py): each CTA writes STAMP_SLOTS 16-byte records
+# (%globaltimer ns, %clock64) at named points of its life to a buffer whose address is fixed at
+# compile time (``stamp_addr``); record STAMP_SMID holds the SM id. Off (address 0) it compiles
+# to nothing. The points, shared by the kernels that have them:
+STAMP_SLOTS = 16
+STAMP_ENTRY, STAMP_SETUP, STAMP_Q, STAMP_FIRST_S, STAMP_LOOP_END = 0, 1, 2, 3, 4
+STAMP_EPI_SYNC, STAMP_STORED, STAMP_EXIT, STAMP_PRODUCER_START, STAMP_PRODUCER_DONE = 5, 6, 7, 8, 9
+STAMP_SMID = 15
+STAMP_NAMES = {STAMP_ENTRY: "entry", STAMP_SETUP: "setup", STAMP_Q: "q landed", STAMP_FIRST_S: "first S",
+               STAMP_LOOP_END: "loop end", STAMP_EPI_SYNC: "epilogue sums", STAMP_STORED: "stored",
+               STAMP_EXIT: "exit", STAMP_PRODUCER_START: "producer start",
+               STAMP_PRODUCER_DONE: "producer done"}
+
+
+@dsl_user_op
+def _store_stamp(addr, *, loc=None, ip=None):
+    """(%globaltimer, %clock64) -> the 16 bytes at global address ``addr``."""
+    llvm.inline_asm(
+        None, [cutlass.Int64(addr).ir_value(loc=loc, ip=ip)],
+        "{\n.reg .u64 ts, ck;\nmov.u64 ts, %globaltimer;\nmov.u64 ck, %clock64;\n"
+        "st.global.v2.u64 [$0], {ts, ck};\n}",
+        "l", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _store_smid(addr, *, loc=None, ip=None):
+    """%smid -> the 4 bytes at global address ``addr``."""
+    llvm.inline_asm(
+        None, [cutlass.Int64(addr).ir_value(loc=loc, ip=ip)],
+        "{\n.reg .u32 sm;\nmov.u32 sm, %smid;\nst.global.u32 [$0], sm;\n}",
+        "l", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
 
 class MlaDecodeSplitKV(SplitKVCombine):
@@ -52,6 +86,21 @@ class MlaDecodeSplitKV(SplitKVCombine):
         self.D = head_dim
         self.Dv = head_dim_v
         self.page_size = page_size
+
+    stamp_addr = 0  # the timing probe's buffer (a device address), 0: no probe compiled
+
+    @cute.jit
+    def stamp(self, slot: cutlass.Constexpr, tidx, who: cutlass.Constexpr):
+        """Timing probe: thread ``who`` writes this CTA's record ``slot`` (see STAMP_SLOTS), and
+        at ``STAMP_ENTRY`` its SM id. Nothing is compiled unless ``stamp_addr`` is set."""
+        if cutlass.const_expr(self.stamp_addr != 0):
+            if tidx == who:
+                bx, by, bz = cute.arch.block_idx()
+                gx, gy, _ = cute.arch.grid_dim()
+                base = cutlass.Int64(self.stamp_addr) + cutlass.Int64((bz * gy + by) * gx + bx) * (STAMP_SLOTS * 16)
+                _store_stamp(base + slot * 16)
+                if cutlass.const_expr(slot == STAMP_ENTRY):
+                    _store_smid(base + STAMP_SMID * 16)
 
     @cute.jit
     def split_tiles(self, n, split, num_splits, block_n: cutlass.Constexpr):

@@ -32,6 +32,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 
+from . import mla_decode_kernel as base
 from .mla_decode_combine import QUAD, xor_max, xor_sum
 from .mla_decode_kernel_v2 import (
     BLOCK_M,
@@ -168,6 +169,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
         num_splits = cute.arch.grid_dim()[1]
         wg = tidx // 128
         wg_tidx = tidx % 128
+        self.stamp(base.STAMP_ENTRY, tidx, 0)
 
         n = mSeqlens[b]
         t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
@@ -192,6 +194,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
                 self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sLoad, thr_kv, kv_copy, tKVc)
             cute.arch.cp_async_commit_group()
         thr_cvt = cvt_copy.get_slice(tidx)
+        self.stamp(base.STAMP_SETUP, tidx, 0)
 
         # ---- fragments: S half of this warpgroup; O half of this warpgroup over the whole P ----
         thr_qk = mma_qk.get_slice(wg_tidx)
@@ -222,6 +225,9 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             cute.arch.fence_proxy("async.shared", space="cta")
             # also: every warpgroup is done with the previous tile's sRow, sP and KV slot
             cute.arch.sync_threads()
+            if cutlass.const_expr(self.stamp_addr != 0):
+                if tile == t_begin:
+                    self.stamp(base.STAMP_Q, tidx, 0)  # Q and the first tile landed
             nxt = tile + STAGES - 1
             if nxt < t_end:
                 self.load_kv_tile_v2(mKV, mPageTable, b, n, nxt, (nxt - t_begin) % STAGES, sLoad, thr_kv,
@@ -245,6 +251,9 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK, (HN, self.D), (wg, 0))))
             acc_S = cute.make_rmem_tensor(acc_shape_S, cutlass.Float32)
             _wgmma(mma_qk, acc_S, tSrQ, tSrK, True)
+            if cutlass.const_expr(self.stamp_addr != 0):
+                if tile == t_begin:
+                    self.stamp(base.STAMP_FIRST_S, tidx, 0)
 
             # ---- mask, scale, this half's row maxima -> smem ----
             acc_S_mn = _mn_view_sm90(acc_S)
@@ -287,6 +296,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(cute.local_tile(sVt, (self.dv_half, BN), (wg, 0))))
             _wgmma(mma_pv, acc_O, tOrP, tOrV, False)
 
+        self.stamp(base.STAMP_LOOP_END, tidx, 0)
         cute.arch.cp_async_wait_group(0)
         # No griddepcontrol.launch_dependents here (unlike v4): a split CTA of this kernel leaves
         # no room on its SM for a combine CTA, so an early trigger puts all the combine's CTAs
@@ -301,6 +311,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
             if tidx % 4 == 0:
                 sRow[tScS_mn[r, 0][0], wg] = row_sum[r]
         cute.arch.sync_threads()
+        self.stamp(base.STAMP_EPI_SYNC, tidx, 0)
         for r in cutlass.range_constexpr(rows_per_thr):
             total = row_sum[r] + sRow[tScS_mn[r, 0][0], 1 - wg]
             empty = total == 0.0
@@ -315,6 +326,7 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
 
         cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
         self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
+        self.stamp(base.STAMP_STORED, tidx, 0)
 
 
 __all__ = ["MlaDecodeSplitKVSharedS"]

@@ -70,6 +70,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.cutlass_dsl import dsl_user_op
 
+from . import mla_decode_kernel as base
 from .mla_decode_combine import QUAD, xor_max, xor_sum
 from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _mn_view_sm90
 
@@ -425,6 +426,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         wg = tidx // 128
         wg_tidx = tidx % 128
         lane = tidx % 32
+        self.stamp(base.STAMP_ENTRY, tidx, 0)
 
         n = mSeqlens[b]
         t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
@@ -460,13 +462,16 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             cute.arch.cluster_wait()
         else:
             cute.arch.sync_threads()
+        self.stamp(base.STAMP_SETUP, tidx, 0)
 
         if tidx >= MATH_THREADS:  # the producer warpgroup: one warp issues the KV loads
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if tidx < MATH_THREADS + 32:
                 rank = cute.arch.block_idx_in_cluster() if cutlass.const_expr(self.cluster > 1) else 0
+                self.stamp(base.STAMP_PRODUCER_START, tidx, MATH_THREADS)
                 self.produce(tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar,
                              mbar_free)
+                self.stamp(base.STAMP_PRODUCER_DONE, tidx, MATH_THREADS)
         else:
             cute.arch.setmaxregister_increase(MATH_REGS)
             # ---- Q by cp.async; the first two tiles' column groups released to the producer ----
@@ -485,6 +490,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             cute.arch.cp_async_wait_group(0)  # this thread's part of Q
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # Q and sM visible to both
+            self.stamp(base.STAMP_Q, tidx, 0)
 
             # ---- fragments: S of this warpgroup's tile (m64 n64); O over this warpgroup's Dv half ----
             thr_qk = mma_qk.get_slice(wg_tidx)
@@ -529,6 +535,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             else:
                 if t_begin + 1 < t_end:
                     self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
+            self.stamp(base.STAMP_FIRST_S, tidx, 0)
 
             for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
                 t1 = t0 + 1
@@ -588,12 +595,14 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                         warpgroup.wait_group(0)
 
             # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
+            self.stamp(base.STAMP_LOOP_END, tidx, 0)
             cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # sM final; every load was waited for
             for r in cutlass.range_constexpr(2):
                 row_sum[r] = xor_sum(row_sum[r], QUAD)
                 if lane % 4 == 0:
                     sSum[rows[r], wg] = row_sum[r]
             cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)
+            self.stamp(base.STAMP_EPI_SYNC, tidx, 0)
             for r in cutlass.range_constexpr(2):
                 total = sSum[rows[r], 0] + sSum[rows[r], 1]
                 empty = total == 0.0
@@ -608,9 +617,11 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
             cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
             self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
+            self.stamp(base.STAMP_STORED, tidx, 0)
         if cutlass.const_expr(self.cluster > 1):  # no CTA of a pair exits while the other may use it
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
+        self.stamp(base.STAMP_EXIT, tidx, 0)
 
 
 def _acc_as_A_operand_sm90(acc_layout):
