@@ -91,6 +91,10 @@ def main():
         (2, 1, 16, [129, 1000], 1, True),  # fp8: kv_scale applied by the split kernel
         (2, 4, 16, [129, 1000], 1, True),
         (2, 4, 32, [129, 1000], 1, True),
+        (2, 3, 32, [1500, 70], 1),  # one split, 96 rows: the padded rows of the staged out
+        (3, 5, 16, [2100, 64, 9], 1),
+        (2, 1, 64, [300, 2048], 1),
+        (2, 4, 16, [129, 1000], 3, True),  # fp8 (64 rows: v3), partials staged through smem
     ]
     t0 = time.time()
     fails = 0

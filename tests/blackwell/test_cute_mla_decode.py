@@ -250,10 +250,13 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
         # the combine may be scheduled once the split loop is done (a combine CTA fits beside)
         assert "griddepcontrol.launch_dependents" in split and all("griddepcontrol.wait" in c for c in combine)
-        # one split a request: this kernel writes out itself, a 16-bit store per O element of a
-        # thread in the M real rows (its elements are adjacent query rows, not columns: no
-        # pairs); every class here has M >= 16, so at least Dv x 16 / 128 of them
-        assert 512 * 16 // 128 <= split.count("st.global.b16") <= 512 * int(mmas[0][0]) // 128, p
+        # O^T leaves through smem as O's rows (the epilogue of v3 / v5, over all of Dv): 16-byte
+        # stores for the M real rows only (the row of each store is known at compile time
+        # here: padding rows have none), 4 + 2 bytes a column
+        n_rows = int(mmas[0][0])
+        v4_stores = split.count("st.global.v4.b32")
+        assert v4_stores % 3 == 0 and 8 <= v4_stores * 2 // 3 <= n_rows, (p, v4_stores)
+        assert_one_split_writes_out(split, rows=v4_stores * 2 // 3, cols=512, lse_stores=v4_stores // 3)
     assert widths == {16, 32}  # no padding of the query rows to 64
 
 
@@ -298,12 +301,15 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert_one_split_writes_out(split)
 
 
-def assert_one_split_writes_out(split: str):
-    """The epilogue of v3 / v5 (a thread: 2 rows x 64 column pairs of O): with one split a
-    request, O goes straight to out as packed pairs of 16-bit values, else to the fp32
-    partials; the LSE to lse or the partial LSE. 32-bit stores: 64 pairs + 128 partials + 2 x 2."""
-    assert split.count("st.global.b32") == 64 + 128 + 4, split.count("st.global.b32")
-    assert "st.global.b16" not in split  # no unpaired 16-bit stores
+def assert_one_split_writes_out(split: str, rows: int = 64, cols: int = 256, lse_stores: int = 4):
+    """The epilogue (128 threads, a tile of ``rows`` x ``cols`` of O: v3 / v5 a warpgroup's
+    half of Dv, v4 all of it) goes through smem and leaves in 16-byte stores, 512 contiguous
+    bytes a warp: with one split a request to out (16-bit, times kv_scale), else to the fp32
+    partials. The LSE goes to lse or the partial LSE, one 32-bit store each."""
+    assert split.count("st.global.v4.b32") == rows * cols * (2 + 4) // 16 // 128, split.count("st.global.v4.b32")
+    assert split.count("ld.shared.v4.b32") >= rows * cols * (2 + 4) // 16 // 128
+    assert split.count("st.global.b32") == lse_stores, split.count("st.global.b32")
+    assert "st.global.b16" not in split and "st.global.v2" not in split  # nothing stored piecemeal
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches

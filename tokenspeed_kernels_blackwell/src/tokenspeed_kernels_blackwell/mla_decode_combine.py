@@ -8,8 +8,8 @@ columns and its LSE (natural log; -inf for an empty split, whose O is 0). This k
     lse[b, m] = max_s lse_s + log(sum_s w_s)            (-inf when every split is empty)
 
 A kernel class with ``one_split_direct`` (the sm_90a ones) writes ``out`` and ``lse`` itself when a
-launch has one split a request, through ``store_result`` / ``store_lse``; the combine is then not
-launched.
+launch has one split a request (``store_lse`` here, ``store_result_staged`` of the wgmma base); the
+combine is then not launched.
 
 Why it is shaped this way: at b = 1 the split stage runs ~130 splits, and a first combine (one
 CTA of 128 threads per row, looping over the splits) cost 18-21 µs on an H100, more than the
@@ -59,7 +59,7 @@ class SplitKVCombine:
 
     combine_batch = COMBINE_BATCH
     # A split kernel that writes ``out`` and ``lse`` itself when a call has one split per request
-    # (``store_result``) sets this: the combine is then not launched. Large batches run one
+    # (``store_lse``, ``store_result_staged``) sets this: the combine is then not launched. Large batches run one
     # split, where the fp32 partials cost twice the bytes of ``out`` to write and again to read,
     # and the combine's grid has a CTA per folded row and 128 columns (262144 CTAs at B 128,
     # q 4, H 128).
@@ -75,52 +75,10 @@ class SplitKVCombine:
             self.launch_combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
 
     @cute.jit
-    def store_result(self, acc_O, coords, row0, col0, mOPart, mOut, b, split, num_splits,
-                     kv_scale: cutlass.Float32, transposed: cutlass.Constexpr = False):
-        """Write this split's normalised O to ``out`` itself, times ``kv_scale``, when the
-        request has this one split and the class sets ``one_split_direct``, else to the fp32
-        partials that the combine merges. ``acc_O`` is the accumulator, ``coords`` its (row,
-        column) coordinates, or (column, row) if ``transposed``, offset by ``row0`` / ``col0`` to
-        a folded row and a Dv column; rows past M are padding. The LSE goes through
-        ``store_lse``. ``num_splits`` is uniform over the grid."""
-        if cutlass.const_expr(self.one_split_direct):
-            if num_splits == 1:
-                if cutlass.const_expr(transposed):
-                    for i in cutlass.range_constexpr(cute.size(acc_O)):
-                        m, c = self.row_col(coords[i], row0, col0, transposed)
-                        if m < self.M:
-                            mOut[b, m, c] = (acc_O[i] * kv_scale).to(self.dtype)
-                else:
-                    # elements 2k, 2k + 1 of an sm90 accumulator are adjacent columns of a row:
-                    # one 32-bit store for both (2-byte stores: the split kernel up to 6% slower)
-                    pair = cute.make_rmem_tensor((2,), self.dtype)
-                    for i in cutlass.range_constexpr(0, cute.size(acc_O), 2):
-                        m, c = self.row_col(coords[i], row0, col0, transposed)
-                        if m < self.M:
-                            pair[0] = (acc_O[i] * kv_scale).to(self.dtype)
-                            pair[1] = (acc_O[i + 1] * kv_scale).to(self.dtype)
-                            cute.autovec_copy(pair, cute.local_tile(mOut[b, m, None], (2,), (c // 2,)))
-            else:
-                self.store_partial(acc_O, coords, row0, col0, mOPart, b, split, transposed)
-        else:
-            self.store_partial(acc_O, coords, row0, col0, mOPart, b, split, transposed)
-
-    @cute.jit
-    def store_partial(self, acc_O, coords, row0, col0, mOPart, b, split, transposed: cutlass.Constexpr):
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            m, c = self.row_col(coords[i], row0, col0, transposed)
-            if m < self.M:
-                mOPart[b, split, m, c] = acc_O[i]
-
-    @staticmethod
-    def row_col(coord, row0, col0, transposed: bool):
-        if transposed:
-            return row0 + coord[1], col0 + coord[0]
-        return row0 + coord[0], col0 + coord[1]
-
-    @cute.jit
     def store_lse(self, mLsePart, mLse, b, split, num_splits, m, lse):
-        """The LSE of folded row ``m`` (< M): see ``store_result``."""
+        """The LSE of folded row ``m`` (< M): to ``lse`` when the launch has one split a request
+        and the class sets ``one_split_direct`` (its kernel then writes ``out`` too), else to the
+        partial LSE. ``num_splits`` is uniform over the grid."""
         if cutlass.const_expr(self.one_split_direct):
             if num_splits == 1:
                 mLse[b, m] = lse

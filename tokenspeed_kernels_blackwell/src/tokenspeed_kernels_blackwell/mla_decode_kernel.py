@@ -18,7 +18,7 @@ What every kernel shares:
   computed on the device from ``cache_seqlens`` (no host sync, graph-capturable). It writes its
   normalised partial O (fp32) and partial LSE; the combine kernel (:mod:`.mla_decode_combine`)
   merges splits and applies ``kv_scale`` to O. With one split a request the sm_90a kernels
-  write ``out`` and ``lse`` themselves and the combine is not launched (``store_result``).
+  write ``out`` and ``lse`` themselves and the combine is not launched (``store_result_staged``).
   ``softmax_scale * kv_scale * log2(e)`` is folded into the scores.
 - Rows past a request's length are zero-filled in smem instead of loaded (a stale cache may hold
   NaN, and 0 * NaN is NaN).

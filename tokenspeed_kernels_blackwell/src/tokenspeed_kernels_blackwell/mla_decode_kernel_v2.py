@@ -76,6 +76,65 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
             else:
                 tKVs[None, r, None].fill(0)
 
+    @cute.jit
+    def store_result_staged(self, acc_O, coords, rows: cutlass.Constexpr, cols: cutlass.Constexpr, row0, col0,
+                            transposed: cutlass.Constexpr, stage_ptr, mOPart, mOut, b, split, num_splits,
+                            kv_scale: cutlass.Float32, tid, barrier_id):
+        """The epilogue's O (normalised; a tile of ``rows`` folded rows from ``row0`` x ``cols``
+        Dv columns from ``col0``, held by 128 threads; ``coords`` the (row, column) of each
+        accumulator element in the tile, (column, row) if ``transposed``) through shared memory
+        to ``out`` (times ``kv_scale``, 16-bit) when the launch has one split a request, else to
+        the fp32 partials. ``stage_ptr``: rows x cols x 4 bytes of smem that these 128 threads
+        alone may overwrite, 1024-byte aligned; ``barrier_id``: a named barrier of the 128.
+
+        Why: an sm90 accumulator spreads a thread's values over 2 rows (16-bit: column pairs)
+        or over Dv rows (v4's transposed O), so storing them straight to global memory is 64-128
+        scalar or paired stores a thread, each warp instruction touching 8 rows. That epilogue
+        took 14.8-15.9 µs of a CTA's life with fp32 partials and 7-8.7 µs with one split (v5 /
+        v3, H100, per-CTA stamps, docs/perf/cute.md run 32). Staged, each warp instruction
+        writes 512 contiguous bytes (16 bytes a lane)."""
+        if num_splits == 1:
+            self.stage_rows(acc_O, coords, rows, cols, row0, col0, transposed, stage_ptr, mOut[b, None, None],
+                            self.dtype, kv_scale, True, tid, barrier_id)
+        else:
+            self.stage_rows(acc_O, coords, rows, cols, row0, col0, transposed, stage_ptr,
+                            mOPart[b, split, None, None], cutlass.Float32, kv_scale, False, tid, barrier_id)
+
+    @cute.jit
+    def stage_rows(self, acc_O, coords, rows: cutlass.Constexpr, cols: cutlass.Constexpr, row0, col0,
+                   transposed: cutlass.Constexpr, stage_ptr, gDst, dtype: cutlass.Constexpr, kv_scale,
+                   scaled: cutlass.Constexpr, tid, barrier_id):
+        """acc_O (as ``dtype``, times ``kv_scale`` if ``scaled``) -> smem rows -> rows ``row0 +
+        r`` (< M), columns ``col0 + c`` of ``gDst`` (M, Dv), 16 bytes a lane. The smem rows are
+        XOR-swizzled by 16-byte chunk (chunk ^ row % 8): the accumulator writes (a warp: 8 rows
+        x 32 bytes, or v4's 8 columns x 4 rows) and the row reads (512 contiguous bytes a warp)
+        are free of bank conflicts."""
+        VEC = 128 // dtype.width  # elements of a 16-byte chunk
+        sO = cute.make_tensor(cute.recast_ptr(stage_ptr, dtype=dtype), cute.make_layout((rows, cols), stride=(cols, 1)))
+        if cutlass.const_expr(transposed):  # adjacent elements are adjacent rows: one at a time
+            for i in cutlass.range_constexpr(cute.size(acc_O)):
+                c, r = coords[i]
+                v = acc_O[i] * kv_scale if cutlass.const_expr(scaled) else acc_O[i]
+                sO[r, ((c // VEC) ^ (r % 8)) * VEC + c % VEC] = v.to(dtype)
+        else:  # elements 2k, 2k + 1 are adjacent columns of one row: one store for both
+            pair = cute.make_rmem_tensor((2,), dtype)
+            for i in cutlass.range_constexpr(0, cute.size(acc_O), 2):
+                r, c = coords[i]
+                pc = ((c // VEC) ^ (r % 8)) * VEC + c % VEC
+                for j in cutlass.range_constexpr(2):
+                    v = acc_O[i + j] * kv_scale if cutlass.const_expr(scaled) else acc_O[i + j]
+                    pair[j] = v.to(dtype)
+                cute.autovec_copy(pair, cute.local_tile(sO[r, None], (2,), (pc // 2,)))
+        cute.arch.barrier(barrier_id=barrier_id, number_of_threads=128)
+        chunk = cute.make_rmem_tensor((VEC,), dtype)
+        for it in cutlass.range_constexpr(rows * cols // VEC // 128):
+            idx = it * 128 + tid
+            r = idx // (cols // VEC)
+            ch = idx % (cols // VEC)
+            if row0 + r < self.M:
+                cute.autovec_copy(cute.local_tile(sO[r, None], (VEC,), (ch ^ (r % 8),)), chunk)
+                cute.autovec_copy(chunk, cute.local_tile(gDst[row0 + r, None], (VEC,), (col0 // VEC + ch,)))
+
 
 # -- register-layout helpers (sm90 accumulators: ((2, 2, N / 8), MMA_M, MMA_N)) ------------------
 @cute.jit

@@ -325,7 +325,12 @@ class MlaDecodeSplitKVSharedS(MlaDecodeSplitKVWgmma):
                         self.store_lse(mLsePart, mLse, b, split, num_splits, m, lse)
 
         cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
-        self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
+        # O through smem: WG0 stages its half in Q's space, WG1 in the first KV tile's (both free now)
+        stage = storage.sQ.data_ptr()
+        if wg == 1:
+            stage = storage.sKV.data_ptr()
+        self.store_result_staged(acc_O, cO, BLOCK_M, self.dv_half, row0, wg * self.dv_half, False, stage, mOPart,
+                                 mOut, b, split, num_splits, kv_scale, wg_tidx, 1 + wg)
         self.stamp(base.STAMP_STORED, tidx, 0)
 
 

@@ -325,7 +325,9 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                         self.store_lse(mLsePart, mLse, b, split, num_splits, q, lse)
 
         cO = thr_o.partition_C(cute.make_identity_tensor((self.Dv, N)))
-        self.store_result(acc_O, cO, 0, 0, mOPart, mOut, b, split, num_splits, kv_scale, transposed=True)
+        # O^T through smem (the KV ring: free after the barriers above) as O's rows
+        self.store_result_staged(acc_O, cO, N, self.Dv, 0, 0, True, storage.sKV.data_ptr(), mOPart, mOut, b, split,
+                                 num_splits, kv_scale, tidx, 1)
 
 
     @cute.jit

@@ -456,6 +456,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         cute.arch.mbarrier_init_fence()
         if tidx < BLOCK_M:
             sM[tidx] = MAX_INIT
+        if tidx < MATH_THREADS:  # Q by cp.async, in flight while the pair meets at the barrier
+            self.load_q(mQ, sQ, b, m_block, row0, q_copy, tidx, BLOCK_M)
+            cute.arch.cp_async_commit_group()
         # the mbarriers are initialised before any load (of either CTA of a pair) uses them
         if cutlass.const_expr(self.cluster > 1):
             cute.arch.cluster_arrive()
@@ -474,9 +477,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                 self.stamp(base.STAMP_PRODUCER_DONE, tidx, MATH_THREADS)
         else:
             cute.arch.setmaxregister_increase(MATH_REGS)
-            # ---- Q by cp.async; the first two tiles' column groups released to the producer ----
-            self.load_q(mQ, sQ, b, m_block, row0, q_copy, tidx, BLOCK_M)
-            cute.arch.cp_async_commit_group()
+            # ---- the first two tiles' column groups released to the producer; Q landed ----
             if t_begin < t_end:
                 if wg == 0:
                     self.release(0, 0, wg_tidx, mbar, mbar_free)
@@ -616,7 +617,12 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                             self.store_lse(mLsePart, mLse, b, split, num_splits, m, lse)
 
             cO = thr_rs.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_half)))
-            self.store_result(acc_O, cO, row0, wg * self.dv_half, mOPart, mOut, b, split, num_splits, kv_scale)
+            # O through smem: WG0 stages its half in Q's space, WG1 in the first KV tile's (both free now)
+            stage = storage.sQ.data_ptr()
+            if wg == 1:
+                stage = storage.sKV.data_ptr()
+            self.store_result_staged(acc_O, cO, BLOCK_M, self.dv_half, row0, wg * self.dv_half, False, stage, mOPart,
+                                     mOut, b, split, num_splits, kv_scale, wg_tidx, BAR_WG + wg)
             self.stamp(base.STAMP_STORED, tidx, 0)
         if cutlass.const_expr(self.cluster > 1):  # no CTA of a pair exits while the other may use it
             cute.arch.cluster_arrive()
