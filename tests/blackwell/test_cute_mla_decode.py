@@ -196,12 +196,14 @@ SHAPES_V3 = [
 ]
 
 def ptx_entries(text: str):
-    """A kernel's PTX entries by role: (split kernel, [combine builds: batched, one-split])."""
+    """A kernel's PTX entries by role: (split kernel, [combine builds: the batched one (many
+    splits), then the row-per-warp ones for up to 8, 4 and 2 splits])."""
     bodies = text.split(".entry ")[1:]
     split = [b for b in bodies if "attention_kernel" in b[:160]]
-    combine = sorted((b for b in bodies if "combine_kernel" in b[:160]), key=lambda b: -b.count("ld.global"))
-    assert len(split) == 1 and len(combine) == 2, [b[:80] for b in bodies]
-    return split[0], combine
+    batched = [b for b in bodies if "combine_kernel" in b[:160]]
+    rows = sorted((b for b in bodies if "combine_rows_kernel" in b[:160]), key=lambda b: -b.count("ld.global"))
+    assert len(split) == 1 and len(batched) == 1 and len(rows) == 3, [b[:80] for b in bodies]
+    return split[0], batched + rows
 
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -285,17 +287,20 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "fence.proxy.async.shared::cta" in text, p
         # an fp8 cache is staged as fp8 and converted once per tile (e4m3 pairs -> 16-bit)
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
-        # the combine kernel's two builds: per split one 16-byte O load and one LSE load,
-        # in batches of 1, 2, 4, 8 splits a warp and rounds of `combine_batch`; warps merged
-        # through smem
-        split, (batched, one_split) = ptx_entries(text)
-        loads = 2 + 4 + 8 + cute_mla.VARIANTS[variant]["combine_batch"]
-        for combine, n_loads in ((batched, loads), (one_split, 1)):
-            assert combine.count("ld.global.v4") == n_loads, (variant, combine.count("ld.global.v4"))
-            assert combine.count("ld.global.b32") == n_loads, (variant, combine.count("ld.global.b32"))
-            assert "st.shared" in combine and "bar.sync" in combine, variant
-            # the combine is a programmatic dependent launch: it must wait for the split grid
-            assert "griddepcontrol.wait" in combine, variant
+        # the combine's builds. Many splits: a CTA per (row, 128 columns), per split one 16-byte
+        # O load and one LSE load, in batches of 4, 8 splits a warp and rounds of
+        # `combine_batch`, warps merged through smem. Up to 8 / 4 / 2 splits: a warp per row, all
+        # of Dv (4 x 16 bytes a lane) of every split loaded at once, one LSE load a lane,
+        # 16-bit results 4 to a store, no smem.
+        split, (batched, *rows) = ptx_entries(text)
+        loads = 4 + 8 + cute_mla.VARIANTS[variant]["combine_batch"]
+        assert batched.count("ld.global.v4") == loads and batched.count("ld.global.b32") == loads, variant
+        assert "st.shared" in batched and "bar.sync" in batched, variant
+        for combine, n_splits in zip(rows, (8, 4, 2), strict=True):
+            assert combine.count("ld.global.v4") == 4 * n_splits and combine.count("ld.global.b32") == 1, variant
+            assert combine.count("st.global.v2.b32") == 4 and "st.shared" not in combine, variant
+        # the combine is a programmatic dependent launch: it must wait for the split grid
+        assert all("griddepcontrol.wait" in c for c in [batched, *rows]), variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
         assert "griddepcontrol.launch_dependents" not in split, variant
         assert_one_split_writes_out(split)

@@ -20,6 +20,12 @@ memory, two barriers and two dependent rounds of LSE loads before the first O lo
 warp merges its splits with a running max as they arrive (flash-decoding's online softmax),
 issuing `combine_batch` splits' loads at once, and the warps are merged once at the end: the
 chain is one round of loads per batch.
+
+With few splits (2-8: batches of 16 and more at short contexts) that grid is mostly launch: at
+B 64, q 4, H 16 (2 splits) its 16384 CTAs of one row x 128 columns took 12 µs (H100, per-CTA
+stamps, docs/perf/cute.md run 32). There a warp takes a whole row instead (a CTA four rows): lane
+l holds columns 128 j + 4 l .. + 3 (j < 4, 16-byte loads, a warp reads 512 contiguous bytes), every
+split's loads are issued at once, and the weights come from one LSE a lane and two butterflies.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 
-COMBINE_WARPS = 4  # warps per CTA; warp w takes splits w, w + 4, ...
+COMBINE_WARPS = 4  # warps per CTA; warp w takes splits w, w + 4, ... (many splits); row w (few)
+FEW_SPLITS = 8  # up to this many splits a request: the row-per-warp combine
 COMBINE_COLS = 128  # Dv columns per CTA: 32 lanes x 4 adjacent columns
 COMBINE_BATCH = 16  # splits per warp whose loads are in flight together (5 x 16 registers)
 MAX_SPLITS = 1024  # the launcher never asks for more (mla_decode.MAX_KV_SPLITS)
@@ -97,19 +104,23 @@ class SplitKVCombine:
             warp_sum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
 
         batch = mOPart.shape[0]
-        grid = [self.M, batch, self.Dv // COMBINE_COLS]
-        # Two builds of the kernel: with at most one split per warp (large batches: the grid
-        # has up to B x M x 4 CTAs of little work each) the 32-register build, so that 16 CTAs
-        # fit on an SM; the batched build needs ~128 registers (4 CTAs an SM), which made those
-        # grids 3-14% slower in total (docs/perf/cute.md, run 12).
-        if mOPart.shape[1] <= COMBINE_WARPS:
-            self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage, False).launch(
-                grid=grid, block=[COMBINE_WARPS * 32, 1, 1], smem=CombineStorage.size_in_bytes(), stream=stream,
-                use_pdl=True)  # programmatic dependent launch: see combine_kernel
+        # programmatic dependent launches (use_pdl): see combine_kernel
+        rows_grid = [(self.M + COMBINE_WARPS - 1) // COMBINE_WARPS, batch, 1]
+        # the row-per-warp builds hold every split's loads in registers: 2, 4 or 8 splits (the
+        # 8-split build needs ~140 registers, 3 CTAs an SM)
+        if mOPart.shape[1] <= 2:
+            self.combine_rows_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, 2).launch(
+                grid=rows_grid, block=[COMBINE_WARPS * 32, 1, 1], stream=stream, use_pdl=True)
+        elif mOPart.shape[1] <= 4:
+            self.combine_rows_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, 4).launch(
+                grid=rows_grid, block=[COMBINE_WARPS * 32, 1, 1], stream=stream, use_pdl=True)
+        elif mOPart.shape[1] <= FEW_SPLITS:
+            self.combine_rows_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, FEW_SPLITS).launch(
+                grid=rows_grid, block=[COMBINE_WARPS * 32, 1, 1], stream=stream, use_pdl=True)
         else:
-            self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage, True).launch(
-                grid=grid, block=[COMBINE_WARPS * 32, 1, 1], smem=CombineStorage.size_in_bytes(), stream=stream,
-                use_pdl=True)
+            self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage).launch(
+                grid=[self.M, batch, self.Dv // COMBINE_COLS], block=[COMBINE_WARPS * 32, 1, 1],
+                smem=CombineStorage.size_in_bytes(), stream=stream, use_pdl=True)
 
     @cute.jit
     def merge_splits(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, b, m, s0, warp, vec, acc, run_max,
@@ -160,7 +171,6 @@ class SplitKVCombine:
         mLse: cute.Tensor,
         kv_scale: cutlass.Float32,
         CombineStorage: cutlass.Constexpr,
-        batched: cutlass.Constexpr,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         m, b, chunk = cute.arch.block_idx()
@@ -188,13 +198,9 @@ class SplitKVCombine:
         acc.fill(0.0)
         run_max = -cutlass.Float32.inf
         run_sum = cutlass.Float32(0.0)
-        # A request's splits in one batch of the fewest loads that covers them (1, 2, 4 or 8
-        # per warp: no more than 2x the loads needed), else rounds of `combine_batch`.
-        if cutlass.const_expr(not batched):  # launched only where num_splits <= COMBINE_WARPS
-            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 1)
-        elif num_splits <= 2 * COMBINE_WARPS:
-            run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 2)
-        elif num_splits <= 4 * COMBINE_WARPS:
+        # A request's splits (more than FEW_SPLITS) in one batch of the fewest loads that covers
+        # them (4 or 8 per warp: no more than 2x the loads needed), else rounds of `combine_batch`.
+        if num_splits <= 4 * COMBINE_WARPS:
             run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 4)
         elif num_splits <= 8 * COMBINE_WARPS:
             run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 8)
@@ -228,4 +234,55 @@ class SplitKVCombine:
                 mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
 
 
-__all__ = ["COLUMN", "COMBINE_COLS", "MAX_SPLITS", "QUAD", "SplitKVCombine", "WARP", "xor_max", "xor_sum"]
+    @cute.kernel
+    def combine_rows_kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor,
+                            mLse: cute.Tensor, kv_scale: cutlass.Float32, n: cutlass.Constexpr):
+        """Up to ``n`` (<= FEW_SPLITS) splits a request: warp w merges row 4 x blockIdx.x + w of
+        request blockIdx.y over all Dv columns (see the module docstring)."""
+        tidx, _, _ = cute.arch.thread_idx()
+        mb, b, _ = cute.arch.block_idx()
+        lane = tidx % 32
+        m = mb * COMBINE_WARPS + tidx // 32
+        num_splits = mOPart.shape[1]
+        CHUNKS = self.Dv // 128  # 16-byte column chunks a lane: 128 columns a warp instruction
+        cute.arch.griddepcontrol_wait()  # the split grid's writes are visible (see combine_kernel)
+        if m < self.M:
+            parts = []
+            for s in cutlass.range_constexpr(n):
+                v = cute.make_rmem_tensor((CHUNKS * 4,), cutlass.Float32)
+                v.fill(0.0)
+                if s < num_splits:  # warp-uniform
+                    for j in cutlass.range_constexpr(CHUNKS):
+                        cute.autovec_copy(cute.local_tile(mOPart[b, s, m, None], (4,), (j * 32 + lane,)),
+                                          cute.local_tile(v, (4,), (j,)))
+                parts.append(v)
+            lse = -cutlass.Float32.inf  # lane s holds split s's LSE; -inf: no split, weight 0
+            if lane < num_splits:
+                lse = mLsePart[b, lane, m]
+            # `+ 0 * O` ties every 16-byte load to the LSE reduction below, so all of them are in
+            # flight before it: without a use there, ptxas issues two splits' loads at a time,
+            # between the FMAs (seen in the SASS). Partial O values are finite.
+            for s in cutlass.range_constexpr(n):
+                for j in cutlass.range_constexpr(CHUNKS):
+                    lse = lse + parts[s][j * 4] * 0.0
+            row_max = xor_max(lse, WARP)
+            base = 0.0 if row_max == -cutlass.Float32.inf else row_max  # every split empty: weights 0
+            w_lane = cute.math.exp2((lse - base) * LOG2_E, fastmath=True)
+            total = xor_sum(w_lane, WARP)
+            acc = cute.make_rmem_tensor((CHUNKS * 4,), cutlass.Float32)
+            acc.fill(0.0)
+            for s in cutlass.range_constexpr(n):
+                w = cute.arch.shuffle_sync(w_lane, s)  # 0 past the last split
+                for i in cutlass.range_constexpr(CHUNKS * 4):
+                    acc[i] = acc[i] + w * parts[s][i]
+            inv = 0.0 if total == 0.0 else kv_scale / total
+            res = cute.make_rmem_tensor((4,), self.dtype)
+            for j in cutlass.range_constexpr(CHUNKS):
+                for i in cutlass.range_constexpr(4):
+                    res[i] = (acc[j * 4 + i] * inv).to(self.dtype)
+                cute.autovec_copy(res, cute.local_tile(mOut[b, m, None], (4,), (j * 32 + lane,)))
+            if lane == 0:
+                mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
+
+
+__all__ = ["COLUMN", "COMBINE_COLS", "FEW_SPLITS", "MAX_SPLITS", "QUAD", "SplitKVCombine", "WARP", "xor_max", "xor_sum"]
