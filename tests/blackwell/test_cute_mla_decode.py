@@ -323,15 +323,15 @@ PROBE_SCRIPT = textwrap.dedent("""
     from tokenspeed_kernels_blackwell import mla_decode as cm
     from tokenspeed_kernels_blackwell import mla_decode_kernel as mk
     mk.MlaDecodeSplitKV.stamp_addr = 0x7F0000000000  # any device address: nothing runs here
-    for h, q in ((128, 1), (16, 4)):  # v5's see-saw kernel, v3
+    for h, q in ((128, 1), (16, 4), (16, 1)):  # v5's see-saw kernel, v3, v4
         cm._compile("sm_90a", torch.bfloat16, h, q, 576, 512, 64, "v5", torch.bfloat16)
 """)
 
 
 def test_timing_probe_is_compiled_only_when_asked(tmp_path):
     """bench/gpu_cute_stamps.py's probe (``stamp_addr``): every stamp point of v5 (10: entry,
-    setup, producer start / done, Q, first S, loop end, epilogue sums, stored, exit) and v3 (7)
-    writes %globaltimer once, the entry stamp the SM id too; the production builds (the other
+    setup, producer start / done, Q, first S, loop end, epilogue sums, stored, exit), v3 and v4
+    (7 each) writes %globaltimer once, the entry stamp the SM id too; the production builds (the other
     PTX tests, ``assert_one_split_writes_out``) have none of it."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
@@ -345,7 +345,7 @@ def test_timing_probe_is_compiled_only_when_asked(tmp_path):
         split, _ = ptx_entries(open(p).read())
         kernel = re.search(r"attention_kernel_(v\d)", split[:80]).group(1)
         stamps[kernel] = (split.count("mov.u64 ts, %globaltimer"), split.count("mov.u32 sm, %smid"))
-    assert stamps == {"v5": (10, 1), "v3": (7, 1)}, stamps
+    assert stamps == {"v5": (10, 1), "v3": (7, 1), "v4": (7, 1)}, stamps
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches

@@ -30,6 +30,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 
+from . import mla_decode_kernel as base
 from .mla_decode_combine import COLUMN, xor_max, xor_sum
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma, _mn_view_sm90, _wgmma
 
@@ -153,6 +154,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         num_splits = cute.arch.grid_dim()[1]
         warp = tidx // 32
         lane = tidx % 32
+        self.stamp(base.STAMP_ENTRY, tidx, 0)
 
         n = mSeqlens[b]
         t_begin, t_end = self.split_tiles(n, split, num_splits, BN)
@@ -190,6 +192,8 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                 if t_begin + s < t_end:
                     self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin + s, s, sKV, thr_kv, kv_copy, tKVc)
                 cute.arch.cp_async_commit_group()
+
+        self.stamp(base.STAMP_SETUP, tidx, 0)
 
         # ---- fragments ----
         thr_s = mma_s.get_slice(tidx)
@@ -246,11 +250,17 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                 cute.arch.cp_async_commit_group()
                 kv_slot = stage
             sK = sKV[None, None, kv_slot]
+            if cutlass.const_expr(self.stamp_addr != 0):
+                if tile == t_begin:
+                    self.stamp(base.STAMP_Q, tidx, 0)  # Q and the first tile landed
 
             # ---- S^T = K Q^T ----
             tSrK = mma_s.make_fragment_A(thr_s.partition_A(sK))
             acc_S = cute.make_rmem_tensor(acc_shape_S, cutlass.Float32)
             _wgmma(mma_s, acc_S, tSrK, tSrQ, True)
+            if cutlass.const_expr(self.stamp_addr != 0):
+                if tile == t_begin:
+                    self.stamp(base.STAMP_FIRST_S, tidx, 0)
 
             # ---- mask, scale; column maxima of this tile -> smem ----
             acc_S_mn = _mn_view_sm90(acc_S)
@@ -296,6 +306,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             tOrV = mma_o.make_fragment_A(thr_o.partition_A(sVt))
             _wgmma(mma_o, acc_O, tOrV, tOrP, False)
 
+        self.stamp(base.STAMP_LOOP_END, tidx, 0)
         cute.arch.cp_async_wait_group(0)
         # The combine (a programmatic dependent launch) may now be scheduled: it waits for this
         # grid's end itself (griddepcontrol.wait). A combine CTA fits beside a split CTA of this
@@ -310,6 +321,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             if lane < 4:
                 sCol[warp, tScS_mn[0, c][1]] = col_sum[c]
         cute.arch.sync_threads()
+        self.stamp(base.STAMP_EPI_SYNC, tidx, 0)
         for c in cutlass.range_constexpr(cols_per_thr):
             q = tScS_mn[0, c][1]
             total = cutlass.Float32(0.0)
@@ -328,6 +340,7 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
         # O^T through smem (the KV ring: free after the barriers above) as O's rows
         self.store_result_staged(acc_O, cO, N, self.Dv, 0, 0, True, storage.sKV.data_ptr(), mOPart, mOut, b, split,
                                  num_splits, kv_scale, tidx, 1)
+        self.stamp(base.STAMP_STORED, tidx, 0)
 
 
     @cute.jit
