@@ -14,7 +14,8 @@ difference from the Triton kernel's output on the same inputs (a wrong build sho
 JSON line per row; ``--out`` appends them to ``ab.jsonl``. ``--src DIR`` imports the kernel
 package from DIR instead (another checkout's ``tokenspeed_kernels_blackwell/src``: the build
 before a change, copied beside the tree); ``--kernels`` adds each kernel's own device time
-(torch.profiler, eager calls: split stage and combine apart).
+(torch.profiler, eager calls: split stage and combine apart); ``--splits 16,32,64`` adds the
+time at each forced split count (the split rule's sweep).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--src", default="", help="import tokenspeed_kernels_blackwell from this directory")
     ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
+    ap.add_argument("--splits", default="", help="also time these forced split counts per row ('16,32,64')")
     args = ap.parse_args()
     if args.src:
         sys.path.insert(0, os.path.abspath(args.src))
@@ -64,6 +66,12 @@ def main():
                 row["kernel_us"] = kernel_times(lambda a=a: cm.mla_decode(**a))
             except Exception as exc:  # the timing above stands without it
                 row["kernel_us"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+        for n in (int(x) for x in args.splits.split(",") if x):
+            a["out"].fill_(float("nan"))
+            cm.mla_decode(**a, num_kv_splits=n)
+            d_n = float((a["out"].float() - ref.float()).abs().max())
+            t_n = time_calls([lambda a=a, n=n: cm.mla_decode(**a, num_kv_splits=n)], device, cuda_graph=True).median_us
+            row[f"splits_{n}_us"] = round(t_n, 1) if d_n < 0.05 else f"wrong ({d_n:.3g})"
         print(json.dumps(row), flush=True)
         if args.out:
             with open(os.path.join(args.out, "ab.jsonl"), "a") as f:

@@ -72,16 +72,14 @@ def host_overheads(reg, device):
     a = bench_inputs(case, device)
     res = {"registry.call": host_us(lambda: reg.call("mla_decode", **a)),
            "launcher": host_us(lambda: cm.mla_decode(**a))}
-    fn, splits, m = cm._launch_plan(0, a["q"].dtype, 1, 1, 16, 576, a["kv_cache"].dtype, 64,
-                                    a["page_table"].shape[1], 512, None, None)
-    o_part = torch.empty((1, splits, m, 512), dtype=torch.float32, device=device)
-    lse_part = torch.empty((1, splits, m), dtype=torch.float32, device=device)
+    fn, splits, m, variant = cm._launch_plan(0, a["q"].dtype, 1, 1, 16, 576, a["kv_cache"].dtype, 64,
+                                             a["page_table"].shape[1], 512, None, None)
+    o_part, lse_part = cm.partial_buffers(1, splits, m, 512, a["q"].dtype, device, variant)
     args = (a["q"].view(1, m, 576), a["kv_cache"].view(-1, 576), a["page_table"], a["cache_seqlens"], o_part,
             lse_part, a["out"].view(1, m, 512), a["lse"].view(1, m),
             softmax_scale_log2(a["softmax_scale"], 1.0), 1.0)
     res["tvm-ffi call"] = host_us(lambda: fn(*args))
-    res["2 x torch.empty"] = host_us(lambda: (torch.empty((1, splits, m, 512), dtype=torch.float32, device=device),
-                                              torch.empty((1, splits, m), dtype=torch.float32, device=device)))
+    res["partial buffers"] = host_us(lambda: cm.partial_buffers(1, splits, m, 512, a["q"].dtype, device, variant))
     return res
 
 

@@ -78,8 +78,7 @@ def probed_launcher(a, stamp_addr: int):
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     m = heads * q_len
     splits = cm.split_count(variant, batch, m, a["page_table"].shape[1] * kv.shape[1], sms, kv.dtype)
-    o_part = torch.empty((batch, splits, m, 512), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((batch, splits, m), dtype=torch.float32, device=q.device)
+    o_part, lse_part = cm.partial_buffers(batch, splits, m, 512, q.dtype, q.device, variant)
     args = (q.view(batch, m, d), kv.view(-1, d), a["page_table"], a["cache_seqlens"], o_part, lse_part,
             a["out"].view(batch, m, 512), a["lse"].view(batch, m),
             mk.softmax_scale_log2(a["softmax_scale"], 1.0), 1.0)

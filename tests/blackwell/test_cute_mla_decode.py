@@ -144,6 +144,23 @@ def test_split_bound_matches_the_combine():
     assert cute_mla.MAX_KV_SPLITS == mla_decode_combine.MAX_SPLITS
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_partials_are_in_the_output_dtype_and_absent_with_one_split(dtype):
+    # several splits: a partial O per (request, split, folded row) in the output's dtype, fp32 LSE
+    o_part, lse_part = cute_mla.partial_buffers(3, 5, 64, 512, dtype, "cpu", "v5")
+    assert (o_part.shape, o_part.dtype) == ((3, 5, 64, 512), dtype)
+    assert (lse_part.shape, lse_part.dtype) == ((3, 5, 64), torch.float32)
+    # one split: the sm_90a kernels write out / lse themselves, so a one-request placeholder
+    # stands in for a batch of any size, made once
+    for variant in cute_mla.VARIANTS:
+        o1, l1 = cute_mla.partial_buffers(128, 1, 512, 512, dtype, "cpu", variant)
+        assert o1.shape == (1, 1, 512, 512) and l1.shape == (1, 1, 512) and o1.dtype == dtype
+        assert cute_mla.partial_buffers(7, 1, 512, 512, dtype, "cpu", variant)[0] is o1
+    # the sm_100a kernel always leaves out and lse to the combine: its partials are real
+    o_sm100, _ = cute_mla.partial_buffers(4, 1, 128, 512, dtype, "cpu", cute_mla.SM100_VARIANT)
+    assert o_sm100.shape == (4, 1, 128, 512)
+
 @pytest.mark.skipif("TOKENSPEED_CUTE_MLA_VARIANT" in os.environ, reason="variant forced")
 def test_default_variant_ranks_above_triton_where_it_measured_faster():
     reg = _registry()
@@ -254,11 +271,11 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
         assert "griddepcontrol.launch_dependents" in split and all("griddepcontrol.wait" in c for c in combine)
         # O^T leaves through smem as O's rows (the epilogue of v3 / v5, over all of Dv): 16-byte
         # stores for the M real rows only (the row of each store is known at compile time
-        # here: padding rows have none), 4 + 2 bytes a column
+        # here: padding rows have none), 2 + 2 bytes a column
         n_rows = int(mmas[0][0])
         v4_stores = split.count("st.global.v4.b32")
-        assert v4_stores % 3 == 0 and 8 <= v4_stores * 2 // 3 <= n_rows, (p, v4_stores)
-        assert_one_split_writes_out(split, rows=v4_stores * 2 // 3, cols=512, lse_stores=v4_stores // 3)
+        assert v4_stores % 2 == 0 and 8 <= v4_stores <= n_rows, (p, v4_stores)
+        assert_one_split_writes_out(split, rows=v4_stores, cols=512, lse_stores=v4_stores // 2)
     assert widths == {16, 32}  # no padding of the query rows to 64
 
 
@@ -287,18 +304,20 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
         assert "fence.proxy.async.shared::cta" in text, p
         # an fp8 cache is staged as fp8 and converted once per tile (e4m3 pairs -> 16-bit)
         assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
-        # the combine's builds. Many splits: a CTA per (row, 128 columns), per split one 16-byte
-        # O load and one LSE load, in batches of 4, 8 splits a warp and rounds of
-        # `combine_batch`, warps merged through smem. Up to 8 / 4 / 2 splits: a warp per row, all
-        # of Dv (4 x 16 bytes a lane) of every split loaded at once, one LSE load a lane,
-        # 16-bit results 4 to a store, no smem.
+        # the combine's builds, over 16-bit partials. Many splits: a CTA per (row, 128 columns),
+        # per split one 8-byte O load (4 columns) and one LSE load, in batches of 4, 8 splits a
+        # warp and rounds of `combine_batch`, warps merged through smem. Up to 8 / 4 / 2 splits:
+        # a warp per row, all of Dv (2 x 16 bytes a lane) of every split loaded at once, one LSE
+        # load a lane, 16-bit results 8 to a store, no smem.
         split, (batched, *rows) = ptx_entries(text)
         loads = 4 + 8 + cute_mla.VARIANTS[variant]["combine_batch"]
-        assert batched.count("ld.global.v4") == loads and batched.count("ld.global.b32") == loads, variant
+        o_loads = batched.count("ld.global.v2.b32") + batched.count("ld.global.v4.b16")
+        assert o_loads == loads and batched.count("ld.global.b32") == loads, variant
+        assert "ld.global.v4.b32" not in batched and "ld.global.f32" not in batched, variant  # no fp32 partials
         assert "st.shared" in batched and "bar.sync" in batched, variant
         for combine, n_splits in zip(rows, (8, 4, 2), strict=True):
-            assert combine.count("ld.global.v4") == 4 * n_splits and combine.count("ld.global.b32") == 1, variant
-            assert combine.count("st.global.v2.b32") == 4 and "st.shared" not in combine, variant
+            assert combine.count("ld.global.v4.b32") == 2 * n_splits and combine.count("ld.global.b32") == 1, variant
+            assert combine.count("st.global.v4.b32") == 2 and "st.shared" not in combine, variant
         # the combine is a programmatic dependent launch: it must wait for the split grid
         assert all("griddepcontrol.wait" in c for c in [batched, *rows]), variant
         # v3's split CTAs leave no room for a combine CTA: an early trigger would crowd it
@@ -309,10 +328,10 @@ def test_v3_compiles_for_sm90a_with_wgmma(tmp_path):
 def assert_one_split_writes_out(split: str, rows: int = 64, cols: int = 256, lse_stores: int = 4):
     """The epilogue (128 threads, a tile of ``rows`` x ``cols`` of O: v3 / v5 a warpgroup's
     half of Dv, v4 all of it) goes through smem and leaves in 16-byte stores, 512 contiguous
-    bytes a warp: with one split a request to out (16-bit, times kv_scale), else to the fp32
-    partials. The LSE goes to lse or the partial LSE, one 32-bit store each."""
-    assert split.count("st.global.v4.b32") == rows * cols * (2 + 4) // 16 // 128, split.count("st.global.v4.b32")
-    assert split.count("ld.shared.v4.b32") >= rows * cols * (2 + 4) // 16 // 128
+    bytes a warp: with one split a request to out (16-bit, times kv_scale), else to the
+    partials (16-bit too). The LSE goes to lse or the partial LSE, one 32-bit store each."""
+    assert split.count("st.global.v4.b32") == rows * cols * (2 + 2) // 16 // 128, split.count("st.global.v4.b32")
+    assert split.count("ld.shared.v4.b32") >= rows * cols * (2 + 2) // 16 // 128
     assert split.count("st.global.b32") == lse_stores, split.count("st.global.b32")
     assert "st.global.b16" not in split and "st.global.v2" not in split  # nothing stored piecemeal
     assert "%globaltimer" not in split  # no timing probe in a production build

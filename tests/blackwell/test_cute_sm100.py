@@ -58,10 +58,11 @@ COMPILE_SCRIPT = textwrap.dedent("""
         dt = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[dtype]
         m = h * q_len
         batch, table_w, splits, rows = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int64()
-        args = (  # the argument list of mla_decode._compile
+        part_batch = cute.sym_int()
+        args = (  # the argument list of mla_decode._compile (partial O in the output's dtype)
             fake(dt, (batch, m, D), 16), fake(dt, (rows, D), 16), fake(cutlass.Int32, (batch, table_w), 4),
-            fake(cutlass.Int32, (batch,), 4), fake(cutlass.Float32, (batch, splits, m, DV), 16),
-            fake(cutlass.Float32, (batch, splits, m), 4), fake(dt, (batch, m, DV), 16),
+            fake(cutlass.Int32, (batch,), 4), fake(dt, (part_batch, splits, m, DV), 16),
+            fake(cutlass.Float32, (part_batch, splits, m), 4), fake(dt, (batch, m, DV), 16),
             fake(cutlass.Float32, (batch, m), 4), cutlass.Float32(1.0), cutlass.Float32(1.0),
             make_fake_stream(),
         )
@@ -155,7 +156,7 @@ def _check_ptx(path: str, arch: str) -> None:
     assert len(entries) == 5, (name, len(entries))
     (split,) = [e for e in entries if "attention_kernel" in e[:160]]
     assert ".reqntid 128, 1, 1" in split, name
-    # this kernel always leaves out and lse to the combine (it never writes a 16-bit value)
+    # this kernel always leaves out and lse to the combine (its stores are all 16-byte)
     assert not k.MlaDecodeSplitKVTcgen05.one_split_direct and "st.global.b16" not in split, name
     # no other generation's tensor-core path
     assert "mma.sync" not in text and "wgmma" not in text, name
@@ -196,8 +197,9 @@ def _check_ptx(path: str, arch: str) -> None:
     assert _is_subsequence(PROTOCOL, events), (name, " ".join(events))
     # the MMAs are issued by one elected thread
     assert "elect.sync" in split, name
-    # partial O leaves as 16-byte stores of each thread's row (32 per row and Dv half), not 4-byte
-    assert len(re.findall(r"st\.global\.v4\.b32", split)) == dv_cta // 4, name
+    # partial O (16-bit, as the combine reads it) leaves as 16-byte stores of each thread's row
+    # (8 columns each), not 4-byte
+    assert len(re.findall(r"st\.global\.v4\.b32", split)) == dv_cta // 8, name
 
 
 def test_tile_config_fits_one_sm():

@@ -169,7 +169,9 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
     dt = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
     kv_dt = dt if kv_dtype == dtype else cutlass.Float8E4M3FN
     m = num_heads * q_len
-    batch, table_w, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
+    # the partials have a batch dimension of their own: with one split a request the sm_90a
+    # kernels write `out` themselves and the launcher passes a one-request placeholder
+    batch, table_w, splits, part_batch = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
     rows = cute.sym_int64()  # a cache holds > 2^31 elements at 64 x 64K-token requests
 
     def fake(dtype_, shape, align):
@@ -181,8 +183,8 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         fake(kv_dt, (rows, head_dim), 16),  # kv cache, pages flattened
         fake(cutlass.Int32, (batch, table_w), 4),
         fake(cutlass.Int32, (batch,), 4),
-        fake(cutlass.Float32, (batch, splits, m, head_dim_v), 16),
-        fake(cutlass.Float32, (batch, splits, m), 4),
+        fake(dt, (part_batch, splits, m, head_dim_v), 16),  # partial O in the output's dtype
+        fake(cutlass.Float32, (part_batch, splits, m), 4),
         fake(dt, (batch, m, head_dim_v), 16),
         fake(cutlass.Float32, (batch, m), 4),
         cutlass.Float32(1.0),
@@ -281,9 +283,10 @@ def num_splits_one_wave(batch: int, m_blocks: int, max_rows: int, sms: int, bloc
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int, kv_dtype, page_size: int,
                  table_w: int, head_dim_v: int, variant, num_kv_splits):
-    """(compiled kernel, splits, folded rows) of one call shape: everything a call derives from
-    static shapes, computed once (a decode step repeats the same shapes: its host cost is then
-    the two partial-buffer allocations and the launch). Raises on an unusable variant."""
+    """(compiled kernel, splits, folded rows, resolved variant) of one call shape: everything a
+    call derives from static shapes, computed once (a decode step repeats the same shapes: its
+    host cost is then the partial buffers, none with one split, and the launch). Raises on an
+    unusable variant."""
     arch = TARGETS[torch.cuda.get_device_capability(dev_idx)]
     variant = resolve_variant(arch, variant)
     fn = compile_kernel(arch, dtype, heads, q_len, page_size, d, head_dim_v, variant, kv_dtype=kv_dtype)
@@ -296,7 +299,7 @@ def _launch_plan(dev_idx: int, dtype, batch: int, q_len: int, heads: int, d: int
             raise ValueError(f"num_kv_splits must be in 1..{MAX_KV_SPLITS}, got {splits}")
     else:
         splits = split_count(variant, batch, m, max_rows, sms, kv_dtype)
-    return fn, splits, m
+    return fn, splits, m, variant
 
 
 def split_count(variant: str, batch: int, m: int, max_rows: int, sms: int, kv_dtype) -> int:
@@ -313,6 +316,26 @@ def split_count(variant: str, batch: int, m: int, max_rows: int, sms: int, kv_dt
                                min_tiles=SEESAW_MIN_TILES if seesaw else 1)
 
 
+_placeholders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def partial_buffers(batch: int, splits: int, m: int, head_dim_v: int, dtype, device, variant: str):
+    """(partial O, partial LSE) for one launch: ``[batch, splits, m, head_dim_v]`` in the output
+    dtype and ``[batch, splits, m]`` fp32. With one split a request the sm_90a kernels write
+    ``out`` and ``lse`` themselves and never touch the partials: a one-request placeholder, made
+    once per device and shape, stands in (a large batch would otherwise hold up to 134 MB for
+    nothing: B 128, q 4, H 128). The sm_100a kernel always writes its partials."""
+    if splits == 1 and variant != SM100_VARIANT:
+        key = (device, dtype, m, head_dim_v)
+        bufs = _placeholders.get(key)
+        if bufs is None:
+            bufs = _placeholders[key] = (torch.empty((1, 1, m, head_dim_v), dtype=dtype, device=device),
+                                         torch.empty((1, 1, m), dtype=torch.float32, device=device))
+        return bufs
+    return (torch.empty((batch, splits, m, head_dim_v), dtype=dtype, device=device),
+            torch.empty((batch, splits, m), dtype=torch.float32, device=device))
+
+
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
                kv_scale=1.0, variant=None, num_kv_splits=None):
     """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``.
@@ -325,10 +348,9 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         return
     dev = q.device
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    fn, splits, m = _launch_plan(idx, q.dtype, batch, q_len, heads, d, kv_cache.dtype, kv_cache.shape[1],
-                                 page_table.shape[1], head_dim_v, variant, num_kv_splits)
-    o_part = torch.empty((batch, splits, m, head_dim_v), dtype=torch.float32, device=dev)
-    lse_part = torch.empty((batch, splits, m), dtype=torch.float32, device=dev)
+    fn, splits, m, resolved = _launch_plan(idx, q.dtype, batch, q_len, heads, d, kv_cache.dtype, kv_cache.shape[1],
+                                           page_table.shape[1], head_dim_v, variant, num_kv_splits)
+    o_part, lse_part = partial_buffers(batch, splits, m, head_dim_v, q.dtype, dev, resolved)
     out_c = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     lse_c = lse if lse.is_contiguous() else torch.empty_like(lse, memory_format=torch.contiguous_format)
     fn(
@@ -410,4 +432,5 @@ def make_mla_decode(variant: str):
 
 
 __all__ = ["VARIANTS", "compile_kernel", "rank_for", "make_mla_decode", "mla_decode", "num_splits_v2", "num_splits_one_wave",
+           "partial_buffers",
            "register", "shape_classes", "split_count", "supports", "supports_for", "SM100_VARIANT"]

@@ -1,8 +1,9 @@
 """The combine stage of the split-KV MLA decode: merge each row's per-split partials.
 
 Imports cutlass at module level (only the kernel modules import it). Every kernel variant's
-split stage writes, per (request b, split s, folded row m), a normalised fp32 partial O over Dv
-columns and its LSE (natural log; -inf for an empty split, whose O is 0). This kernel computes
+split stage writes, per (request b, split s, folded row m), a normalised partial O over Dv
+columns in the output's dtype and its fp32 LSE (natural log; -inf for an empty split, whose O is
+0). This kernel computes, in fp32,
 
     out[b, m] = kv_scale * sum_s w_s O_s / sum_s w_s,   w_s = exp(lse_s - max_s lse_s)
     lse[b, m] = max_s lse_s + log(sum_s w_s)            (-inf when every split is empty)
@@ -14,17 +15,24 @@ combine is then not launched.
 Why it is shaped this way: at b = 1 the split stage runs ~130 splits, and a first combine (one
 CTA of 128 threads per row, looping over the splits) cost 18-21 µs on an H100, more than the
 split stage itself (docs/perf/cute.md, run 4). One CTA takes (row, request, 128-column chunk);
-its 4 warps take every 4th split each, a lane 4 adjacent columns (one 16-byte load per split).
+its 4 warps take every 4th split each, a lane 4 adjacent columns (one 8-byte load per split).
 A second version computed the splits' weights block-wide first (max, then weights into shared
 memory, two barriers and two dependent rounds of LSE loads before the first O load). Now each
 warp merges its splits with a running max as they arrive (flash-decoding's online softmax),
 issuing `combine_batch` splits' loads at once, and the warps are merged once at the end: the
 chain is one round of loads per batch.
 
+The partials are 16-bit, as FlashInfer keeps them: until run 37 (docs/perf/cute.md) they were
+fp32, twice the bytes for the split CTAs to store (~4.1 µs of a CTA's life, per-CTA stamps) and
+for this kernel to read. A normalised partial is a convex combination of V rows, so it is in
+range in the cache's 16-bit type (and in fp16 for an fp8 cache, whose values are at most 448);
+the one added rounding of each partial costs 1.5x the output error of fp32 partials at 2 bf16
+splits in a CPU emulation (docs/cute.md), far inside the conformance tolerance.
+
 With few splits (2-8: batches of 16 and more at short contexts) that grid is mostly launch: at
 B 64, q 4, H 16 (2 splits) its 16384 CTAs of one row x 128 columns took 12 µs (H100, per-CTA
 stamps, docs/perf/cute.md run 32). There a warp takes a whole row instead (a CTA four rows): lane
-l holds columns 128 j + 4 l .. + 3 (j < 4, 16-byte loads, a warp reads 512 contiguous bytes), every
+l holds columns 256 j + 8 l .. + 7 (j < 2, 16-byte loads, a warp reads 512 contiguous bytes), every
 split's loads are issued at once, and the weights come from one LSE a lane and two butterflies.
 """
 
@@ -35,7 +43,7 @@ import cutlass.cute as cute
 
 COMBINE_WARPS = 4  # warps per CTA; warp w takes splits w, w + 4, ... (many splits); row w (few)
 FEW_SPLITS = 8  # up to this many splits a request: the row-per-warp combine
-COMBINE_COLS = 128  # Dv columns per CTA: 32 lanes x 4 adjacent columns
+COMBINE_COLS = 128  # Dv columns per CTA of the batched combine: 32 lanes x 4 adjacent columns
 COMBINE_BATCH = 16  # splits per warp whose loads are in flight together (5 x 16 registers)
 MAX_SPLITS = 1024  # the launcher never asks for more (mla_decode.MAX_KV_SPLITS)
 LOG2_E = 1.4426950408889634
@@ -67,7 +75,7 @@ class SplitKVCombine:
     combine_batch = COMBINE_BATCH
     # A split kernel that writes ``out`` and ``lse`` itself when a call has one split per request
     # (``store_lse``, ``store_result_staged``) sets this: the combine is then not launched. Large batches run one
-    # split, where the fp32 partials cost twice the bytes of ``out`` to write and again to read,
+    # split, where the partials (fp32 until run 37) cost twice the bytes of ``out`` to write and again to read,
     # and the combine's grid has a CTA per folded row and 128 columns (262144 CTAs at B 128,
     # q 4, H 128).
     one_split_direct = False
@@ -103,7 +111,7 @@ class SplitKVCombine:
             warp_max: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
             warp_sum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
 
-        batch = mOPart.shape[0]
+        batch = mOut.shape[0]  # the partials are a placeholder with one split a request (launcher)
         # programmatic dependent launches (use_pdl): see combine_kernel
         rows_grid = [(self.M + COMBINE_WARPS - 1) // COMBINE_WARPS, batch, 1]
         # the row-per-warp builds hold every split's loads in registers: 2, 4 or 8 splits (the
@@ -136,7 +144,7 @@ class SplitKVCombine:
         for u in cutlass.range_constexpr(n):
             s = s0 + u * COMBINE_WARPS + warp
             lse = -cutlass.Float32.inf  # past the last split: weight 0
-            v = cute.make_rmem_tensor((4,), cutlass.Float32)
+            v = cute.make_rmem_tensor((4,), mOPart.element_type)
             v.fill(0.0)
             if s < num_splits:  # warp-uniform
                 lse = mLsePart[b, s, m]
@@ -148,7 +156,7 @@ class SplitKVCombine:
             # `+ 0 * O` ties each O load to the max: without a use before the max, ptxas sinks
             # every O load to just before its FMAs below, one L2 round trip after the other
             # (seen in the SASS). Partial O values are finite, so the LSE is unchanged.
-            lses[u] = lses[u] + vals[u][0] * 0.0
+            lses[u] = lses[u] + vals[u][0].to(cutlass.Float32) * 0.0
             new_max = cute.arch.fmax(new_max, lses[u])
         base = 0.0 if new_max == -cutlass.Float32.inf else new_max  # every split so far empty: weights 0
         scale = cute.math.exp2((run_max - base) * LOG2_E, fastmath=True)
@@ -159,7 +167,7 @@ class SplitKVCombine:
             w = cute.math.exp2((lses[u] - base) * LOG2_E, fastmath=True)
             run_sum = run_sum + w
             for j in cutlass.range_constexpr(4):
-                acc[j] = acc[j] + w * vals[u][j]
+                acc[j] = acc[j] + w * vals[u][j].to(cutlass.Float32)
         return new_max, run_sum
 
     @cute.kernel
@@ -191,7 +199,7 @@ class SplitKVCombine:
         sSum = storage.warp_sum.get_tensor(cute.make_layout((COMBINE_WARPS,)))
 
         # ---- each warp: an online softmax merge over its splits (w, w + 4, ...) ----
-        # Lane l holds columns 4l..4l+3 of this CTA's 128 (one 16-byte load per split). The
+        # Lane l holds columns 4l..4l+3 of this CTA's 128 (one 8-byte load per split). The
         # latency chain is one round of loads per `combine_batch` splits of a warp.
         vec = chunk * (COMBINE_COLS // 4) + lane
         acc = cute.make_rmem_tensor((4,), cutlass.Float32)
@@ -244,17 +252,19 @@ class SplitKVCombine:
         lane = tidx % 32
         m = mb * COMBINE_WARPS + tidx // 32
         num_splits = mOPart.shape[1]
-        CHUNKS = self.Dv // 128  # 16-byte column chunks a lane: 128 columns a warp instruction
+        part_dt = mOPart.element_type
+        VEC = 128 // part_dt.width  # columns of a 16-byte load: 8 (a warp instruction: 256 columns)
+        CHUNKS = self.Dv // (32 * VEC)
         cute.arch.griddepcontrol_wait()  # the split grid's writes are visible (see combine_kernel)
         if m < self.M:
             parts = []
             for s in cutlass.range_constexpr(n):
-                v = cute.make_rmem_tensor((CHUNKS * 4,), cutlass.Float32)
+                v = cute.make_rmem_tensor((CHUNKS * VEC,), part_dt)
                 v.fill(0.0)
                 if s < num_splits:  # warp-uniform
                     for j in cutlass.range_constexpr(CHUNKS):
-                        cute.autovec_copy(cute.local_tile(mOPart[b, s, m, None], (4,), (j * 32 + lane,)),
-                                          cute.local_tile(v, (4,), (j,)))
+                        cute.autovec_copy(cute.local_tile(mOPart[b, s, m, None], (VEC,), (j * 32 + lane,)),
+                                          cute.local_tile(v, (VEC,), (j,)))
                 parts.append(v)
             lse = -cutlass.Float32.inf  # lane s holds split s's LSE; -inf: no split, weight 0
             if lane < num_splits:
@@ -264,23 +274,23 @@ class SplitKVCombine:
             # between the FMAs (seen in the SASS). Partial O values are finite.
             for s in cutlass.range_constexpr(n):
                 for j in cutlass.range_constexpr(CHUNKS):
-                    lse = lse + parts[s][j * 4] * 0.0
+                    lse = lse + parts[s][j * VEC].to(cutlass.Float32) * 0.0
             row_max = xor_max(lse, WARP)
             base = 0.0 if row_max == -cutlass.Float32.inf else row_max  # every split empty: weights 0
             w_lane = cute.math.exp2((lse - base) * LOG2_E, fastmath=True)
             total = xor_sum(w_lane, WARP)
-            acc = cute.make_rmem_tensor((CHUNKS * 4,), cutlass.Float32)
+            acc = cute.make_rmem_tensor((CHUNKS * VEC,), cutlass.Float32)
             acc.fill(0.0)
             for s in cutlass.range_constexpr(n):
                 w = cute.arch.shuffle_sync(w_lane, s)  # 0 past the last split
-                for i in cutlass.range_constexpr(CHUNKS * 4):
-                    acc[i] = acc[i] + w * parts[s][i]
+                for i in cutlass.range_constexpr(CHUNKS * VEC):
+                    acc[i] = acc[i] + w * parts[s][i].to(cutlass.Float32)
             inv = 0.0 if total == 0.0 else kv_scale / total
-            res = cute.make_rmem_tensor((4,), self.dtype)
+            res = cute.make_rmem_tensor((VEC,), self.dtype)
             for j in cutlass.range_constexpr(CHUNKS):
-                for i in cutlass.range_constexpr(4):
-                    res[i] = (acc[j * 4 + i] * inv).to(self.dtype)
-                cute.autovec_copy(res, cute.local_tile(mOut[b, m, None], (4,), (j * 32 + lane,)))
+                for i in cutlass.range_constexpr(VEC):
+                    res[i] = (acc[j * VEC + i] * inv).to(self.dtype)
+                cute.autovec_copy(res, cute.local_tile(mOut[b, m, None], (VEC,), (j * 32 + lane,)))
             if lane == 0:
                 mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
 

@@ -89,7 +89,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         mKV: cute.Tensor,  # (P * page_size, D) dtype: the cache, rows flattened
         mPageTable: cute.Tensor,  # (B, MP) int32
         mSeqlens: cute.Tensor,  # (B,) int32
-        mOPart: cute.Tensor,  # (B, S, M, Dv) fp32: per-split normalised O
+        mOPart: cute.Tensor,  # (B, S, M, Dv) dtype: per-split normalised O
         mLsePart: cute.Tensor,  # (B, S, M) fp32: per-split LSE (natural log)
         mOut: cute.Tensor,  # (B, M, Dv) dtype
         mLse: cute.Tensor,  # (B, M) fp32
@@ -243,6 +243,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         tTtO_st = thr_st_o.partition_D(tOtO_c)
         tTcO = thr_ld_o.partition_D(cO_c)
         rO = cute.make_rmem_tensor(tTcO.shape, cutlass.Float32)
+        rO_part = cute.make_rmem_tensor((O_CHUNK,), mOPart.element_type)  # the partial's dtype
         n_chunks = self.dv_cta // O_CHUNK
         # P and O leave registers as contiguous row slices: that needs register i = column i
         _check_columns_in_order(tTcS, BLOCK_N)
@@ -363,8 +364,9 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
                 rO.fill(0.0)  # an empty split never wrote O: its weight is 0, its O must not be NaN
             # register i = column i of the chunk: 16-byte stores of this thread's row
             if m_row < self.M:
+                rO_part.store(cute.make_tensor(rO.iterator, cute.make_layout(O_CHUNK)).load().to(mOPart.element_type))
                 gO = cute.local_tile(mOPart[b, split, m_row, None], (O_CHUNK,), (dv_part * n_chunks + j,))
-                cute.autovec_copy(cute.make_tensor(rO.iterator, cute.make_layout(O_CHUNK)), gO)
+                cute.autovec_copy(rO_part, gO)
 
         # ---- free TMEM once every warp is done reading it ----
         nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)

@@ -84,7 +84,7 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
         Dv columns from ``col0``, held by 128 threads; ``coords`` the (row, column) of each
         accumulator element in the tile, (column, row) if ``transposed``) through shared memory
         to ``out`` (times ``kv_scale``, 16-bit) when the launch has one split a request, else to
-        the fp32 partials. ``stage_ptr``: rows x cols x 4 bytes of smem that these 128 threads
+        the partials (16-bit, unscaled). ``stage_ptr``: rows x cols x 4 bytes of smem that these 128 threads
         alone may overwrite, 1024-byte aligned; ``barrier_id``: a named barrier of the 128.
 
         Why: an sm90 accumulator spreads a thread's values over 2 rows (16-bit: column pairs)
@@ -98,7 +98,7 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
                             self.dtype, kv_scale, True, tid, barrier_id)
         else:
             self.stage_rows(acc_O, coords, rows, cols, row0, col0, transposed, stage_ptr,
-                            mOPart[b, split, None, None], cutlass.Float32, kv_scale, False, tid, barrier_id)
+                            mOPart[b, split, None, None], mOPart.element_type, kv_scale, False, tid, barrier_id)
 
     @cute.jit
     def stage_rows(self, acc_O, coords, rows: cutlass.Constexpr, cols: cutlass.Constexpr, row0, col0,
