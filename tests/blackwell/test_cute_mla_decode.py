@@ -122,18 +122,23 @@ def test_num_splits_one_wave_fills_the_wave_with_equal_splits():
     assert cute_mla.num_splits_one_wave(1, 2, 65536, sms) == 64
 
 
-def test_seesaw_splits_keep_eight_tiles_while_half_the_wave_is_busy():
+def test_seesaw_splits_keep_two_steps_while_half_the_wave_is_busy():
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     sms, bf16, fp8 = 132, torch.bfloat16, torch.float8_e4m3fn
-    # b = 1, H 128: 64 splits of 4 tiles measured 39.6 µs, 32 of 8 36.7 µs at 16K (run 12d)
-    assert cute_mla.split_count("v5", 1, 128, 16384, sms, bf16) == 32
-    assert cute_mla.split_count("v5", 1, 128, 65536, sms, bf16) == 64  # 16 tiles each: the full wave
-    assert cute_mla.split_count("v5", 1, 128, 4096, sms, bf16) == 32  # not below half the wave
-    # elsewhere the wave-filling rule as before: <= 64 rows (v4 / v3), an fp8 cache (v3), v3
+    # b = 1, H 128: 64 splits of 4 tiles (two 2-tile steps) 26.3 µs, 32 of 8 29.0 µs at 16K (H100,
+    # run 39); at 64K 16 tiles each fill the wave; at 4K not below half the wave
+    assert cute_mla.split_count("v5", 1, 128, 16384, sms, bf16) == 64
+    assert cute_mla.split_count("v5", 1, 128, 65536, sms, bf16) == 64
+    assert cute_mla.split_count("v5", 1, 128, 4096, sms, bf16) == 32
+    assert cute_mla.split_count("v5", 1, 512, 4096, sms, bf16) == 16  # 8 m-blocks: 16 splits of 4 tiles
+    # 33-64 rows run the see-saw kernel too (one m-block): never under two steps a split
+    assert cute_mla.split_count("v5", 1, 64, 16384, sms, bf16) == 64
+    # elsewhere the wave-filling rule as before: <= 32 rows (v4), an fp8 cache (v3), v3
     assert cute_mla.split_count("v5", 1, 16, 16384, sms, bf16) == 128
-    assert cute_mla.split_count("v5", 1, 128, 16384, sms, fp8) == 64
-    assert cute_mla.split_count("v3", 1, 128, 16384, sms, bf16) == 64
-    for b, m, rows in ((16, 128, 16384), (4, 128, 81920), (64, 512, 16384)):  # past one wave: unchanged
+    assert cute_mla.split_count("v5", 1, 64, 16384, sms, fp8) == 128
+    assert cute_mla.split_count("v5", 1, 128, 4096, sms, fp8) == 64
+    assert cute_mla.split_count("v3", 1, 64, 16384, sms, bf16) == 128
+    for b, m, rows in ((16, 128, 16384), (4, 128, 81920), (64, 512, 16384), (16, 64, 4096)):  # past one wave
         assert cute_mla.split_count("v5", b, m, rows, sms, bf16) == cute_mla.split_count("v3", b, m, rows, sms, bf16)
 
 
@@ -342,8 +347,8 @@ PROBE_SCRIPT = textwrap.dedent("""
     from tokenspeed_kernels_blackwell import mla_decode as cm
     from tokenspeed_kernels_blackwell import mla_decode_kernel as mk
     mk.MlaDecodeSplitKV.stamp_addr = 0x7F0000000000  # any device address: nothing runs here
-    for h, q in ((128, 1), (16, 4), (16, 1)):  # v5's see-saw kernel, v3, v4
-        cm._compile("sm_90a", torch.bfloat16, h, q, 576, 512, 64, "v5", torch.bfloat16)
+    for h, q, variant in ((128, 1, "v5"), (16, 4, "v3"), (16, 1, "v5")):  # see-saw kernel, v3, v4
+        cm._compile("sm_90a", torch.bfloat16, h, q, 576, 512, 64, variant, torch.bfloat16)
 """)
 
 
@@ -371,13 +376,15 @@ SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the ker
     (("bfloat16", 128, 1, 64, "v5"), "v5"), (("float16", 16, 8, 128, "v5"), "v5"),
     (("bfloat16", 32, 3, 64, "v5"), "v5"),  # 96 folded rows: two m-blocks
     (("bfloat16", 32, 5, 64, "v5"), "v5"),  # 160 rows: three m-blocks, which run unpaired
-    (("bfloat16", 16, 4, 64, "v5"), "v3"),  # 64 rows: one m-block, memory-bound: v3
+    (("bfloat16", 16, 4, 64, "v5"), "v5"),  # 64 rows: one m-block, unpaired, no L2 prefetch
+    (("float16", 16, 3, 64, "v5"), "v5"),  # 48 rows: one partial m-block
     (("bfloat16", 16, 1, 64, "v5"), "v4"),  # 16 rows: KV rows on M
+    (("bfloat16", 16, 4, 64, "v5", "float8_e4m3fn"), "v3"),  # fp8 cache at 64 rows: v3's staged path
     (("bfloat16", 128, 2, 64, "v5", "float8_e4m3fn"), "v3"),  # fp8 cache: v3's staged path
 ]
 
 
-def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
+def test_v5_is_the_seesaw_kernel_above_32_rows(tmp_path):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="ptx", TOKENSPEED_CUTE_CACHE="0",
@@ -420,7 +427,8 @@ def test_v5_is_the_seesaw_kernel_above_64_rows(tmp_path):
         assert re.search(r"bar\.arrive\s+1, 256", split) and re.search(r"bar\.arrive\s+2, 256", split)
         # each warpgroup's P goes to smem with stmatrix (4 x4 instructions per 64 x 64 P)
         assert split.count("stmatrix.sync.aligned.m8n8.x4.shared.b16") == 2 * 4, shape
-        assert "cp.async.bulk.prefetch.L2.global" in split
+        # the L2 prefetch only where a request's m-blocks share each tile (more than 64 rows)
+        assert ("cp.async.bulk.prefetch.L2.global" in split) == (shape[1] * shape[2] > 64), shape
         assert "fence.proxy.async.shared::cta" in split
         # a split CTA (~217 KB of smem) leaves no room for a combine CTA: no early trigger
         assert "griddepcontrol.launch_dependents" not in split

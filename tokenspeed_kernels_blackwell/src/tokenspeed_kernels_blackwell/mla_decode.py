@@ -90,14 +90,18 @@ def _supports(sig) -> str | None:
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
             "v4": dict(block_n=64, stages=2, combine_batch=16),
             "v5": dict(block_n=64, stages=2, combine_batch=16)}
-# The see-saw kernel from this many folded rows up: at 64 rows (one m-block, memory-bound) it is
-# 1.2-1.3x slower than v3 with its L2 prefetch (the prefetched tiles of 132 CTAs, shared by
-# nobody, push each other out of L2) and exactly as fast without it (run 10f); from 128 rows it
-# is 1.14-1.46x faster (docs/perf/cute.md, run 11).
-SEESAW_FROM_ROWS = 64
-# Fewest KV tiles a see-saw split gets where filling the wave would make splits shorter (four
-# 2-tile steps; num_splits_one_wave says why).
-SEESAW_MIN_TILES = 8
+# The see-saw kernel above this many folded rows (with a 16-bit cache): from 33 rows, i.e. v3's
+# 33-64-row class too, where it runs one m-block, unpaired and without its L2 prefetch. There it
+# is 1.07-1.21x faster than v3 on an H200 at s_k >= 16K (B 16-128, q 4 H 16: v3's per-tile chain
+# was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39); from 128
+# rows it is 1.14-1.46x faster (run 11). Until run 38 it started at 65 rows: with its two-step
+# L2 prefetch it had been 1.2-1.3x slower than v3 at 64 rows (run 10f).
+SEESAW_FROM_ROWS = 32
+# Fewest KV tiles a see-saw split gets where filling the wave would make splits shorter (two
+# 2-tile steps; num_splits_one_wave says why). 8 until run 39: with the fixed costs of a CTA cut
+# (runs 33-37), b = 1 H 128 16K runs 64 splits of 4 tiles in 26.3 µs against 29.0 for 32 of 8
+# (H100; H200 23.9 against 27.7), b = 1 q 4 H 128 4K 16 of 4 in 24.8 against 28.2 for 8 of 8.
+SEESAW_MIN_TILES = 4
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
 # cache; graph replay == eager; docs/perf/cute.md, runs 3-11); v3 and v4 on an H200 too.
@@ -264,10 +268,10 @@ def num_splits_one_wave(batch: int, m_blocks: int, max_rows: int, sms: int, bloc
 
     Why: at b = 1 (16K tokens = 256 tiles) v2's rule gave 119 splits of up to 3 tiles (86 busy
     CTAs, the critical path 3 tiles long); 128 splits of exactly 2 tiles shorten it by a third.
-    ``min_tiles``: the see-saw kernel fills and drains a 2-tile step per split, and at b = 1,
-    H 128, 16K its 64 splits of 4 tiles took 39.6-39.7 µs against 36.7-37.1 µs for 32 splits of
-    8, and 47.2 µs for 16 (H100, runs 12 and 12d; at 64K, 16 tiles a split, the wave-filling 64
-    splits stay best). Shorter requests than measured keep at least half the wave busy.
+    ``min_tiles``: the see-saw kernel fills and drains a 2-tile step per split, so a split gets
+    at least two steps (``SEESAW_MIN_TILES``: at b = 1, H 128, 16K 64 splits of 4 tiles 26.3 µs
+    against 29.0 for 32 of 8, H100, run 39; before the epilogue and combine were cut, runs 12
+    and 12d, 32 of 8 had been the faster). Shorter requests keep at least half the wave busy.
     The combine pays per split, which is why ``MAX_KV_SPLITS`` bounds the count and the combine
     spreads the splits over warps (mla_decode_combine.py). Static shapes only."""
     per_split = max(1, batch * m_blocks)
@@ -374,7 +378,7 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 # -- registration --------------------------------------------------------------------------------
 _KERNEL_DESC = {"v3": "wgmma, one S per CTA, 2-stage cp.async",
                 "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3",
-                "v5": "v4; where H x q_len > 64 (16-bit cache): two KV tiles per step, see-saw PV, "
+                "v5": "v4; where H x q_len > 32 (16-bit cache): two KV tiles per step, see-saw PV, "
                       "TMA producer warp, m-block pairs sharing tiles by multicast"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else

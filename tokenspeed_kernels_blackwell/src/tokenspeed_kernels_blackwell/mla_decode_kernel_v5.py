@@ -1,4 +1,4 @@
-"""CuTe DSL MLA decode, v5 for sm_90a and > 64 folded rows: two KV tiles per step, see-saw.
+"""CuTe DSL MLA decode, v5 for sm_90a and > 32 folded rows: two KV tiles per step, see-saw.
 
 Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
 installed). Same interface, split-KV scheme and combine as v3/v4. Where v3 is slow (the rows with
@@ -43,9 +43,11 @@ known (its design, our code; docs/cute.md, "v5"):
   prefetch (``cp.async.bulk.prefetch.L2``) of the next step's two tiles, whose TMA loads are
   issued later, group by group, as this step frees the columns. One step ahead, not two: 4-8%
   faster on the H100 (b 1 H 128 64K, B 16/64 H 128, H 32 q 4) and 0.5-4% on the H200, and two
-  steps ahead was slower than none (docs/perf/cute.md, run 16). At 64 rows, 132 CTAs' prefetched
-  tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch), which is why v5
-  runs this kernel from 65 rows only (run 9).
+  steps ahead was slower than none (docs/perf/cute.md, run 16). With one m-block (33-64 rows)
+  there is no prefetch (``l2_prefetch``): no other CTA shares the tiles, and 132 CTAs' prefetched
+  tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch, run 9). Without
+  it this kernel is 1.07-1.21x faster than v3 at 64 rows on an H200 (s_k >= 16K) and as fast on
+  an H100 (run 38-39), so it runs from 33 rows.
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
   that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
@@ -54,8 +56,8 @@ known (its design, our code; docs/cute.md, "v5"):
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
-Status: the default for > 64 folded rows with a 16-bit cache (full conformance grid on an H100;
-graph replay == eager). Numbers: docs/perf/cute.md (runs 9-30). Dropped after measuring: WG1
+Status: the default for > 32 folded rows with a 16-bit cache (> 64 until run 39; full conformance
+grid on an H100, runs 9-39; graph replay == eager). Numbers: docs/perf/cute.md (runs 9-39). Dropped after measuring: WG1
 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
 mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
 protocol (run 23), clusters of 4 (run 26).
@@ -124,6 +126,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         # column group is loaded once and multicast to both (half the L2 reads); an odd number of
         # m-blocks runs unpaired
         self.cluster = 2 if (-(-self.M // BLOCK_M)) % 2 == 0 else 1
+        # the L2 prefetch pays where a request's m-blocks share each tile; with one m-block the
+        # prefetched tiles of every CTA only push each other out of L2 (run 28: 1-5% slower)
+        self.l2_prefetch = self.M > BLOCK_M
 
     @cute.jit
     def __call__(
@@ -540,8 +545,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
             for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
                 t1 = t0 + 1
-                if tidx == 0 and m_block % self.cluster == 0:  # the next step's tiles, a step ahead
-                    self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
+                if cutlass.const_expr(self.l2_prefetch):
+                    if tidx == 0 and m_block % self.cluster == 0:  # the next step's tiles, a step ahead
+                        self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
                 has1 = t1 < t_end
                 next_phase = ((t0 - t_begin) // 2 + 1) % 2
                 if wg == 0:
