@@ -149,7 +149,6 @@ def test_split_bound_matches_the_combine():
     assert cute_mla.MAX_KV_SPLITS == mla_decode_combine.MAX_SPLITS
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_partials_are_in_the_output_dtype_and_absent_with_one_split(dtype):
     # several splits: a partial O per (request, split, folded row) in the output's dtype, fp32 LSE
@@ -165,6 +164,7 @@ def test_partials_are_in_the_output_dtype_and_absent_with_one_split(dtype):
     # the sm_100a kernel always leaves out and lse to the combine: its partials are real
     o_sm100, _ = cute_mla.partial_buffers(4, 1, 128, 512, dtype, "cpu", cute_mla.SM100_VARIANT)
     assert o_sm100.shape == (4, 1, 128, 512)
+
 
 @pytest.mark.skipif("TOKENSPEED_CUTE_MLA_VARIANT" in os.environ, reason="variant forced")
 def test_default_variant_ranks_above_triton_where_it_measured_faster():

@@ -92,8 +92,8 @@ VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
             "v5": dict(block_n=64, stages=2, combine_batch=16)}
 # The see-saw kernel above this many folded rows (with a 16-bit cache): from 33 rows, i.e. v3's
 # 33-64-row class too, where it runs one m-block, unpaired and without its L2 prefetch. There it
-# is 1.07-1.21x faster than v3 on an H200 at s_k >= 16K (B 16-128, q 4 H 16: v3's per-tile chain
-# was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39); from 128
+# is 1.09-1.21x faster than v3 on an H200 (B 16-128, q 4 H 16, but B 16 4K: 0.99x; v3's per-tile
+# chain was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39); from 128
 # rows it is 1.14-1.46x faster (run 11). Until run 38 it started at 65 rows: with its two-step
 # L2 prefetch it had been 1.2-1.3x slower than v3 at 64 rows (run 10f).
 SEESAW_FROM_ROWS = 32

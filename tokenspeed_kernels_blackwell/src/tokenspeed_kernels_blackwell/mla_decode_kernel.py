@@ -16,8 +16,8 @@ What every kernel shares:
   ``p <= n - Q + qi``.
 - Split-KV: split ``s`` of request ``b`` takes an equal share of that request's KV tiles,
   computed on the device from ``cache_seqlens`` (no host sync, graph-capturable). It writes its
-  normalised partial O (in the output dtype) and fp32 partial LSE; the combine kernel (:mod:`.mla_decode_combine`)
-  merges splits and applies ``kv_scale`` to O. With one split a request the sm_90a kernels
+  normalised partial O (in the output dtype) and fp32 partial LSE; the combine kernel
+  (:mod:`.mla_decode_combine`) merges splits and applies ``kv_scale`` to O. With one split a request the sm_90a kernels
   write ``out`` and ``lse`` themselves and the combine is not launched (``store_result_staged``).
   ``softmax_scale * kv_scale * log2(e)`` is folded into the scores.
 - Rows past a request's length are zero-filled in smem instead of loaded (a stale cache may hold

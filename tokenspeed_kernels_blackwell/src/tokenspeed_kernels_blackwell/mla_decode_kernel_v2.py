@@ -84,8 +84,9 @@ class MlaDecodeSplitKVWgmma(MlaDecodeSplitKV):
         Dv columns from ``col0``, held by 128 threads; ``coords`` the (row, column) of each
         accumulator element in the tile, (column, row) if ``transposed``) through shared memory
         to ``out`` (times ``kv_scale``, 16-bit) when the launch has one split a request, else to
-        the partials (16-bit, unscaled). ``stage_ptr``: rows x cols x 4 bytes of smem that these 128 threads
-        alone may overwrite, 1024-byte aligned; ``barrier_id``: a named barrier of the 128.
+        the partials (16-bit, unscaled). ``stage_ptr``: rows x cols x 4 bytes of smem that these
+        128 threads alone may overwrite, 1024-byte aligned; ``barrier_id``: a named barrier of
+        the 128.
 
         Why: an sm90 accumulator spreads a thread's values over 2 rows (16-bit: column pairs)
         or over Dv rows (v4's transposed O), so storing them straight to global memory is 64-128

@@ -46,8 +46,8 @@ known (its design, our code; docs/cute.md, "v5"):
   steps ahead was slower than none (docs/perf/cute.md, run 16). With one m-block (33-64 rows)
   there is no prefetch (``l2_prefetch``): no other CTA shares the tiles, and 132 CTAs' prefetched
   tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch, run 9). Without
-  it this kernel is 1.07-1.21x faster than v3 at 64 rows on an H200 (s_k >= 16K) and as fast on
-  an H100 (run 38-39), so it runs from 33 rows.
+  it this kernel is 1.09-1.21x faster than v3 at 64 rows on an H200 (B >= 16; B 16 4K 0.99x) and
+  0.996-1.014x on an H100 (runs 38-39), so it runs from 33 rows.
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
   that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
@@ -56,9 +56,9 @@ known (its design, our code; docs/cute.md, "v5"):
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
-Status: the default for > 32 folded rows with a 16-bit cache (> 64 until run 39; full conformance
-grid on an H100, runs 9-39; graph replay == eager). Numbers: docs/perf/cute.md (runs 9-39). Dropped after measuring: WG1
-computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
+Status: the default for > 32 folded rows with a 16-bit cache (> 64 until run 39; full
+conformance grid on an H100, runs 9-39; graph replay == eager). Numbers: docs/perf/cute.md (runs
+9-39). Dropped after measuring: WG1 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
 mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
 protocol (run 23), clusters of 4 (run 26).
 """
