@@ -93,9 +93,9 @@ VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
 # The see-saw kernel above this many folded rows (with a 16-bit cache): from 33 rows, i.e. v3's
 # 33-64-row class too, where it runs one m-block, unpaired and without its L2 prefetch. There it
 # is 1.09-1.21x faster than v3 on an H200 (B 16-128, q 4 H 16, but B 16 4K: 0.99x; v3's per-tile
-# chain was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39); from 128
-# rows it is 1.14-1.46x faster (run 11). Until run 38 it started at 65 rows: with its two-step
-# L2 prefetch it had been 1.2-1.3x slower than v3 at 64 rows (run 10f).
+# chain was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39);
+# from 128 rows it is 1.14-1.46x faster (run 11). Until run 39 it started at 65 rows: with its
+# two-step L2 prefetch it had been 1.2-1.3x slower than v3 at 64 rows (run 10f).
 SEESAW_FROM_ROWS = 32
 # Fewest KV tiles a see-saw split gets where filling the wave would make splits shorter (two
 # 2-tile steps; num_splits_one_wave says why). 8 until run 39: with the fixed costs of a CTA cut
@@ -328,7 +328,8 @@ def partial_buffers(batch: int, splits: int, m: int, head_dim_v: int, dtype, dev
     dtype and ``[batch, splits, m]`` fp32. With one split a request the sm_90a kernels write
     ``out`` and ``lse`` themselves and never touch the partials: a one-request placeholder, made
     once per device and shape, stands in (a large batch would otherwise hold up to 134 MB for
-    nothing: B 128, q 4, H 128). The sm_100a kernel always writes its partials."""
+    nothing: B 128, q 4, H 128); made during a CUDA-graph capture, it lives in the graph's pool,
+    which is harmless since nothing reads it. The sm_100a kernel always writes its partials."""
     if splits == 1 and variant != SM100_VARIANT:
         key = (device, dtype, m, head_dim_v)
         bufs = _placeholders.get(key)
