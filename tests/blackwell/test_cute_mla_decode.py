@@ -454,7 +454,7 @@ def _compile_cost(arch: str, h: int, q_len: int, cache) -> float:
     the see-saw kernel (> 32 rows, 16-bit cache) ~6, v3 (> 32 rows, fp8) ~4, v4 ~3, sm_100a ~2."""
     if arch != "sm_90a":
         return 2.0
-    if h * q_len <= 32:
+    if h * q_len <= cute_mla.SEESAW_FROM_ROWS:  # v4 below the see-saw kernel's rows
         return 3.0
     return 4.0 if cache else 6.0
 
