@@ -58,9 +58,9 @@ known (its design, our code; docs/cute.md, "v5"):
 
 Status: the default for > 32 folded rows with a 16-bit cache (> 64 until run 39; full
 conformance grid on an H100, runs 9-39; graph replay == eager). Numbers: docs/perf/cute.md (runs
-9-39). Dropped after measuring: WG1 computing its S inside the step (run 9), an L2 prefetch for <= 64 rows (run 9), per-chunk
-mbarriers with cp.async (run 10), loads issued by the math warps (run 21), the atomic pair
-protocol (run 23), clusters of 4 (run 26).
+9-39). Dropped after measuring: WG1 computing its S inside the step (run 9), the two-step L2
+prefetch at <= 64 rows (run 9), per-chunk mbarriers with cp.async (run 10), loads issued by the
+math warps (run 21), the atomic pair protocol (run 23), clusters of 4 (run 26).
 """
 
 from __future__ import annotations
