@@ -1,53 +1,43 @@
 """CuTe DSL MLA decode, v5 for sm_90a and > 32 folded rows: two KV tiles per step, see-saw.
 
 Imports cutlass at module level (only :mod:`.mla_decode` imports it, once the DSL is known to be
-installed). Same interface, split-KV scheme and combine as v3/v4. Where v3 is slow (the rows with
-more than 64 folded query rows, compute-bound: 44-57% of the GEMM rate, docs/perf/cute.md runs
-3-8) it had two costs: each warpgroup's m64 n32 half of S reads Q from smem once per 32 KV rows,
-and the softmax ran with the tensor cores idle. v5 is the schedule FlashMLA's sm_90 kernel made
-known (its design, our code; docs/cute.md, "v5"):
+installed). Same interface, split-KV scheme and combine as v3/v4. v3 computed half of S per
+warpgroup (reading Q from smem once per 32 KV rows) and ran the softmax with the tensor cores
+idle (44-57% of the GEMM rate). v5 is the schedule FlashMLA's sm_90 kernel made known (its
+design, our code). The measurements behind each choice, and what was tried and dropped, are in
+docs/cute.md ("v5") and docs/perf/cute.md (runs 9-41).
 
 - A step takes two 64-row KV tiles, K0 and K1. Warpgroup 0 computes the whole S0 = Q K0^T (m64
   n64, 36 k-steps), warpgroup 1 the whole S1 = Q K1^T; both accumulate O over their half of Dv
   (O_L: warpgroup 0, O_R: warpgroup 1; 64 x 256 fp32 each). Both S of the next step are computed
-  at the end of a step, side by side.
+  at the end of a step, side by side; WG0 queues its S0 behind its last PV of the step, not
+  after it (K0 landed long before).
 - The see-saw: WG0 does the softmax of S0 against the running max (shared in smem) -> ``m0``,
   writes P0 to smem at once and runs O_L += P0 V0_L from registers. WG1 first brings O_R to
   ``m0`` and runs O_R += P0 V0_R, and under that MMA does the softmax of S1 -> ``m1 = max(m0,
   rowmax S1)``, writes P1 to smem, brings O_R to ``m1`` and runs O_R += P1 V1_R from registers;
   WG0 brings O_L to ``m1`` and runs O_L += P1 V1_L. One warpgroup's softmax overlaps the other's
-  MMAs, every S is an n64 product, and the columns of K0 that WG1 reads (256-575) are free early
-  in the step, so the next K0 is loaded under this step's remaining work (run 10d: 1.05-1.28x
-  faster than handing P0 over after WG1's softmax, as FlashMLA does).
-- Loads: TMA, one 64-row x 64-column box (8 KB, the SW128 atom column) per chunk, issued by a
-  producer warp (a third warpgroup whose registers go to the math warpgroups through setmaxnreg).
-  Four column groups per step, each with a "landed" mbarrier (armed with its bytes) and a "freed"
-  one: in K0, columns 0-255 (V0_L) are freed once WG0's first PV is done, 256-575 once WG1's O_R
-  += P0 V0_R is; in K1, 256-511 (V1_R) after WG1's second PV, the rest after WG0's. The freeing
-  warpgroup arms and signals without blocking; the producer waits for the signal and issues the
-  group's boxes. The next S is computed in the order the columns were freed (WG0: columns 0-255
-  first; WG1: 256-511 first). Until run 24 the math warpgroups issued the loads themselves, by
-  cp.async; TMA issued from one of their warps was 0.4-2.3% slower than that (docs/perf/cute.md,
-  run 21), the producer warp alone from 0.5% slower to 1.15x faster (run 24).
+  MMAs, and the columns of K0 that WG1 reads (256-575) are free early in the step, so the next K0
+  loads under this step's remaining work (FlashMLA hands P0 over after WG1's softmax: 1.05-1.28x
+  slower here).
+- Loads: TMA boxes of 64 rows x 64 columns (8 KB, one SW128 atom column), issued by a producer
+  warp (a third warpgroup whose registers go to the math warpgroups through setmaxnreg); Q first,
+  before the pair's cluster barrier. A step's tiles are four column groups, each with a "landed"
+  mbarrier (armed with its bytes) and a "freed" one: in K0, columns 0-255 (V0_L) are freed once
+  WG0's first PV is done, 256-575 once WG1's O_R += P0 V0_R is; in K1, 256-511 (V1_R) after WG1's
+  second PV, the rest after WG0's. The freeing warpgroup arms and signals without blocking; the
+  producer waits for the signal and issues the group. The next S is computed in the order the
+  columns were freed (WG0: columns 0-255 first; WG1: 256-511 first).
 - A pair of m-blocks: m-blocks 2k and 2k + 1 of a request (H x q_len >= 128 rows) read the same
-  KV tiles. They run as a 2-CTA cluster: each group is issued once, by CTA j of the pair for the
-  groups j of a slot, once both CTAs have freed it (each signals the other's "freed" mbarrier),
-  and multicast into both CTAs' smem, so every tile is read from L2 once per pair, not twice. At
-  8 m-blocks a request the kernel was L2-bound (ncu: 93.8% of L2 throughput, B 64, q 4, H 128,
-  run 22); the pair is 1.10-1.19x faster on the compute-bound rows and the H 32 spec rows (run
-  24). An odd number of m-blocks runs unpaired. A first protocol (the CTA that freed a group
-  second, found with a remote atomic, issued it) was 1.17-1.26x *slower*: the atomic's round trip
-  sat on the math warps' critical path (run 23).
+  KV tiles, so they run as a 2-CTA cluster: CTA j of the pair issues the groups j of a slot once
+  both CTAs have freed them (each signals the other's "freed" mbarrier), multicast into both
+  CTAs' smem, so a tile is read from L2 once per pair (at 8 m-blocks a request the kernel was
+  L2-bound without it). An odd number of m-blocks runs unpaired.
 - Two tiles of smem is all there is (Q 72 KB + 2 x 72 KB), so a tile is loaded only a step
-  before its use; at the top of each step one thread (of the pair's first CTA) issues an L2
-  prefetch (``cp.async.bulk.prefetch.L2``) of the next step's two tiles, whose TMA loads are
-  issued later, group by group, as this step frees the columns. One step ahead, not two: 4-8%
-  faster on the H100 (b 1 H 128 64K, B 16/64 H 128, H 32 q 4) and 0.5-4% on the H200, and two
-  steps ahead was slower than none (docs/perf/cute.md, run 16). With one m-block (33-64 rows)
-  there is no prefetch (``l2_prefetch``): no other CTA shares the tiles, and 132 CTAs' prefetched
-  tiles pushed each other out of L2 (1.2-1.3x slower with the two-step prefetch, run 9). Without
-  it this kernel is 1.09-1.21x faster than v3 at 64 rows on an H200 (B >= 16; B 16 4K 0.99x) and
-  0.996-1.014x on an H100 (runs 38-39), so it runs from 33 rows.
+  before its use; at the top of each step one thread (of the pair's first CTA) asks L2 for the
+  next step's two tiles (``cp.async.bulk.prefetch.L2``), whose TMA loads follow group by group as
+  this step frees the columns (one step ahead; two was slower than none). With one m-block
+  (33-64 rows) there is no prefetch (``l2_prefetch``): no other CTA shares the tiles.
 - P of the other warpgroup lives in the 64 x 64 rope columns (512-575) of its own tile, dead once
   that tile's S is computed.
 - Rows of a request's last tile past its length are loaded as they are (a stale cache may hold
@@ -56,11 +46,8 @@ known (its design, our code; docs/cute.md, "v5"):
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
-Status: the default for > 32 folded rows with a 16-bit cache (> 64 until run 39; full
-conformance grid on an H100, runs 9-39; graph replay == eager). Numbers: docs/perf/cute.md (runs
-9-39). Dropped after measuring: WG1 computing its S inside the step (run 9), the two-step L2
-prefetch at <= 64 rows (run 9), per-chunk mbarriers with cp.async (run 10), loads issued by the
-math warps (run 21), the atomic pair protocol (run 23), clusters of 4 (run 26).
+Status: the default for > 32 folded rows with a 16-bit cache (full conformance grid on an H100,
+runs 9-41; graph replay == eager).
 """
 
 from __future__ import annotations
@@ -156,19 +143,13 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         class SharedStorage:
             mbar: cute.struct.MemRange[cutlass.Int64, 4]  # "column group landed", [slot][j]
             free: cute.struct.MemRange[cutlass.Int64, 4]  # "column group freed" (by every CTA of the pair)
+            q_landed: cute.struct.MemRange[cutlass.Int64, 1]  # this CTA's Q (TMA)
             # running row max (shared by both warpgroups), the two O scales of a step, row sums
             sM: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, BLOCK_M], 16]
             sScale: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
             sSum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, 2 * BLOCK_M], 16]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
-
-        copy_bits = 128
-        g2s_atom = cute.make_copy_atom(
-            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
-        )
-        per_thr = cute.make_layout((1, copy_bits // dtype.width))
-        q_copy = cute.make_tiled_copy_tv(g2s_atom, cute.make_layout((MATH_THREADS // 8, 8), stride=(8, 1)), per_thr)
 
         mma_qk = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
@@ -191,13 +172,18 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         chunk_layout = cute.tile_to_shape(k_atom, (self.block_n, CHUNK), (0, 1))
         tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp()
         tma_atom, tma_kv = cpasync.make_tiled_tma_atom(tma_op, mKV, chunk_layout, (self.block_n, CHUNK))
+        # Q: the same 64 x 64 boxes over (folded row, column, request); rows past M are outside
+        # the tensor, so TMA fills the last m-block's padding with zeros
+        mQ_mdb = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 2, 0]))
+        tma_atom_q, tma_q = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mQ_mdb, chunk_layout,
+                                                        (BLOCK_M, CHUNK))
 
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v5(
-            mQ, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse, scale_log2, kv_scale,
-            sQ_layout, sKV_layout, sVt_layout, q_copy, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
+            tma_atom_q, tma_q, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse,
+            scale_log2, kv_scale, sQ_layout, sKV_layout, sVt_layout, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
             SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
@@ -231,10 +217,11 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         pair, then TMA its 64 x 64 chunks of KV tile ``tile`` (to every CTA of the pair)."""
         BN = self.block_n
         g = slot * 2 + j
-        cute.arch.mbarrier_wait(mbar_free + g, phase)
+        # the page-table read is issued before the wait, so its round trip hides under it
         pos0 = tile * BN
         page = mPageTable[b, pos0 // self.page_size]
         row_tile = page * (self.page_size // BN) + (pos0 % self.page_size) // BN
+        cute.arch.mbarrier_wait(mbar_free + g, phase)
         gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
         chunks = GROUPS[slot][j]
         for c in cutlass.range_constexpr(len(chunks)):
@@ -402,7 +389,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
     @cute.kernel
     def attention_kernel_v5(
         self,
-        mQ: cute.Tensor,
+        tma_atom_q: cute.CopyAtom,
+        tma_q: cute.Tensor,
         mKV: cute.Tensor,
         tma_atom: cute.CopyAtom,
         tma_kv: cute.Tensor,
@@ -417,7 +405,6 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
-        q_copy: cute.TiledCopy,
         p_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
         mma_pv_ss: cute.TiledMma,
@@ -446,6 +433,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sSum = storage.sSum.get_tensor(cute.make_layout((BLOCK_M, 2), stride=(1, BLOCK_M)))
         mbar = storage.mbar.data_ptr()  # [K0 early, K0 late, K1 early, K1 late]
         mbar_free = storage.free.data_ptr()  # same order
+        mbar_q = storage.q_landed.data_ptr()
         sK0 = sKV[None, None, 0]
         sK1 = sKV[None, None, 1]
         # P of a tile's warpgroup, for the other one: the tile's rope columns (dead after its S)
@@ -454,19 +442,38 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sVt0 = cute.local_tile(cute.make_tensor(sK0.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
         sVt1 = cute.local_tile(cute.make_tensor(sK1.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
 
-        if tidx == 0:
-            for i in cutlass.range_constexpr(4):
-                cute.arch.mbarrier_init(mbar + i, 1)
-                cute.arch.mbarrier_init(mbar_free + i, self.cluster)
-        cute.arch.mbarrier_init_fence()
+        if tidx >= MATH_THREADS and tidx < MATH_THREADS + 32:
+            # The producer warp, before anything else: the mbarriers, then this CTA's Q by TMA (it
+            # needs no other CTA, so it goes before the pair's barrier), in flight while
+            # `cache_seqlens`, the page table and that barrier are waited for. The whole warp runs
+            # the TMA copies: each elects one lane (elect.sync over all 32; with one lane active
+            # it hangs).
+            cpasync.prefetch_descriptor(tma_atom_q)
+            cpasync.prefetch_descriptor(tma_atom)
+            if tidx == MATH_THREADS:
+                for i in cutlass.range_constexpr(4):
+                    cute.arch.mbarrier_init(mbar + i, 1)
+                    cute.arch.mbarrier_init(mbar_free + i, self.cluster)
+                cute.arch.mbarrier_init(mbar_q, 1)
+                cute.arch.mbarrier_init_fence()
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_q, BLOCK_M * self.D * self.dtype.width // 8)
+            cute.arch.sync_warp()
+            gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
+            for c in cutlass.range_constexpr(self.D // CHUNK):
+                tQs, tQg = cpasync.tma_partition(
+                    tma_atom_q, 0, cute.make_layout(1),
+                    cute.group_modes(cute.local_tile(sQ, (BLOCK_M, CHUNK), (0, c)), 0, 2),
+                    cute.group_modes(gQ[None, None, c], 0, 2))
+                cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=mbar_q)
         if tidx < BLOCK_M:
             sM[tidx] = MAX_INIT
-        if tidx < MATH_THREADS:  # Q by cp.async, in flight while the pair meets at the barrier
-            self.load_q(mQ, sQ, b, m_block, row0, q_copy, tidx, BLOCK_M)
-            cute.arch.cp_async_commit_group()
-        # the mbarriers are initialised before any load (of either CTA of a pair) uses them
+        # The mbarriers are initialised before any thread (of either CTA of a pair) uses them: the
+        # init fence above releases them, so the arrive is relaxed. A releasing arrive waited for
+        # the CTA's loads in flight, i.e. for all of Q: 6.2-6.5 us at B 16 q 4 H 128, where the
+        # wave loads 9.4 MB of Q, before the first KV tiles were asked for (1.0 us relaxed;
+        # docs/perf/cute.md, runs 40-41). sM is published by the math threads' barrier below.
         if cutlass.const_expr(self.cluster > 1):
-            cute.arch.cluster_arrive()
+            cute.arch.cluster_arrive_relaxed()
             cute.arch.cluster_wait()
         else:
             cute.arch.sync_threads()
@@ -493,9 +500,8 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                     self.release(1, 1, wg_tidx, mbar, mbar_free)
                 else:
                     self.release(1, 0, wg_tidx, mbar, mbar_free)
-            cute.arch.cp_async_wait_group(0)  # this thread's part of Q
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # Q and sM visible to both
+            cute.arch.mbarrier_wait(mbar_q, 0)  # Q landed
+            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # sM visible to both
             self.stamp(base.STAMP_Q, tidx, 0)
 
             # ---- fragments: S of this warpgroup's tile (m64 n64); O over this warpgroup's Dv half ----
@@ -563,18 +569,25 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                     warpgroup.wait_group(0)
                     if t0 + 2 < t_end:
                         self.release(0, 0, wg_tidx, mbar, mbar_free)
-                    # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free
+                    # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free.
+                    # (d) the next step's S0 is queued behind that MMA: its columns were freed early in
+                    # this step, and S0 writes acc_S, which the MMA does not read (P1 comes from smem)
                     if has1:
                         cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=MATH_THREADS)
                         self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 1)
                         self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                         self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
-                        warpgroup.wait_group(0)
-                        if t0 + 3 < t_end:
-                            self.release(1, 1, wg_tidx, mbar, mbar_free)
-                    # (d) the next step's S0 (its columns were freed early in this step)
-                    if t0 + 2 < t_end:
-                        self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, next_phase)
+                        if t0 + 2 < t_end:
+                            cute.arch.mbarrier_wait(mbar + 0, next_phase)
+                            self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, True)
+                            warpgroup.wait_group(1)  # O_L += P1 V1_L done
+                            if t0 + 3 < t_end:
+                                self.release(1, 1, wg_tidx, mbar, mbar_free)
+                            cute.arch.mbarrier_wait(mbar + 1, next_phase)
+                            self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_LATE, False)
+                            warpgroup.wait_group(0)
+                        else:
+                            warpgroup.wait_group(0)
                 else:
                     # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
                     cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=MATH_THREADS)
