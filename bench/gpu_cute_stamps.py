@@ -10,8 +10,11 @@ kernel and just after the combine. Each timed call follows an L2 flush, as the b
 it. Per row: the probed and the plain build's time (CUDA-graph replay; the probe's cost), the
 launch gap (stream stamp -> first CTA entry), the spread of CTA starts and ends, the median /
 p90 of each phase per CTA (clock cycles, converted to ns with the SM clock measured over the
-run), and what follows the split kernel (the combine, the stream's tail). Everything goes to
-$OUT/stamps.json; a short table is printed last.
+run), and what follows the split kernel (the combine, the stream's tail). For the see-saw kernel
+also, per CTA, how long each math warpgroup waited over the KV loop for its KV columns to land,
+for the other warpgroup (the P hand-over barriers) and for its own MMAs, and how long the
+producer warp waited for columns to be freed (``mla_decode_kernel.STAMP_WAITS``). Everything
+goes to $OUT/stamps.json; a short table is printed last.
 """
 
 from __future__ import annotations
@@ -124,6 +127,20 @@ def analyse(rec, stream, n_ctas):
             phases[f"{mk.STAMP_NAMES[a]} -> {mk.STAMP_NAMES[b]}"] = dict(p50=round(pct(d, 0.5), 2),
                                                                         p90=round(pct(d, 0.9), 2))
     out["phases_us"] = phases
+    # the see-saw kernel's wait records: cycles spent in each kind of wait over the KV loop
+    waits = {}
+    for k, who in enumerate(("WG0", "WG1", "producer")):
+        slot = mk.STAMP_WAITS + k
+        if not bool((rec[:, slot] != 0).any()):
+            continue
+        u32 = torch.stack([rec[:, slot, 0] & 0xFFFFFFFF, (rec[:, slot, 0] >> 32) & 0xFFFFFFFF,
+                           rec[:, slot, 1] & 0xFFFFFFFF], dim=1).double()
+        kinds = mk.WAIT_NAMES if who != "producer" else {mk.WAIT_LANDED: "KV freed"}
+        for kind, name in kinds.items():
+            d = (u32[:, kind] * ns_per_cycle / 1e3).tolist()
+            waits[f"{who} waits for {name}"] = dict(p50=round(pct(d, 0.5), 2), p90=round(pct(d, 0.9), 2))
+    if waits:
+        out["loop_waits_us"] = waits
     return out
 
 
@@ -187,6 +204,8 @@ def main():
               f"after split {mr['after_split_us']}, SM clock {mr['sm_clock_mhz']} MHz")
         for k, v in mr["phases_us"].items():
             print(f"    {k:40s} {v['p50']:8.2f} [{v['p90']:.2f}]")
+        for k, v in mr.get("loop_waits_us", {}).items():
+            print(f"    in the loop, {k:26s} {v['p50']:8.2f} [{v['p90']:.2f}]")
 
 
 if __name__ == "__main__":

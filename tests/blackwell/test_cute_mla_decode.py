@@ -339,7 +339,7 @@ def assert_one_split_writes_out(split: str, rows: int = 64, cols: int = 256, lse
     assert split.count("ld.shared.v4.b32") >= rows * cols * (2 + 2) // 16 // 128
     assert split.count("st.global.b32") == lse_stores, split.count("st.global.b32")
     assert "st.global.b16" not in split and "st.global.v2" not in split  # nothing stored piecemeal
-    assert "%globaltimer" not in split  # no timing probe in a production build
+    assert "%globaltimer" not in split and "%clock" not in split  # no timing probe in a production build
 
 
 PROBE_SCRIPT = textwrap.dedent("""
@@ -355,8 +355,8 @@ PROBE_SCRIPT = textwrap.dedent("""
 def test_timing_probe_is_compiled_only_when_asked(tmp_path):
     """bench/gpu_cute_stamps.py's probe (``stamp_addr``): every stamp point of v5 (10: entry,
     setup, producer start / done, Q, first S, loop end, epilogue sums, stored, exit), v3 and v4
-    (7 each) writes %globaltimer once, the entry stamp the SM id too; the production builds (the other
-    PTX tests, ``assert_one_split_writes_out``) have none of it."""
+    (7 each) writes %globaltimer once, the entry stamp the SM id too, and v5 its wait records; the
+    production builds (the other PTX tests, ``assert_one_split_writes_out``) have none of it."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     pytest.importorskip("tvm_ffi", reason="apache-tvm-ffi not installed")
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", CUTE_DSL_KEEP="ptx", TOKENSPEED_CUTE_CACHE="0",
@@ -368,8 +368,10 @@ def test_timing_probe_is_compiled_only_when_asked(tmp_path):
     for p in glob.glob(str(tmp_path / "*.ptx")):
         split, _ = ptx_entries(open(p).read())
         kernel = re.search(r"attention_kernel_(v\d)", split[:80]).group(1)
-        stamps[kernel] = (split.count("mov.u64 ts, %globaltimer"), split.count("mov.u32 sm, %smid"))
-    assert stamps == {"v5": (10, 1), "v3": (7, 1), "v4": (7, 1)}, stamps
+        stamps[kernel] = (split.count("mov.u64 ts, %globaltimer"), split.count("mov.u32 sm, %smid"),
+                          split.count("st.global.v4.u32"), "%clock;" in split)
+    # v5 also writes three wait records (each math warpgroup's, the producer's), timed by %clock
+    assert stamps == {"v5": (10, 1, 3, True), "v3": (7, 1, 0, False), "v4": (7, 1, 0, False)}, stamps
 
 
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
@@ -421,8 +423,13 @@ def test_v5_is_the_seesaw_kernel_above_32_rows(tmp_path):
         assert all((".multicast::cluster" in b_) == paired for b_ in boxes), shape
         assert ("mbarrier.arrive.shared::cluster" in split) == paired, shape
         assert ("barrier.cluster.wait" in split) == paired, shape
-        # no cp.async of KV: the only cp.async left is Q's (16 B a thread, no mbarrier)
-        assert "cp.async.mbarrier.arrive" not in split and "mbarrier.try_wait.parity" in split
+        # the setup barrier of a pair arrives relaxed (a releasing arrive waited for all of Q)
+        assert ("barrier.cluster.arrive.relaxed" in split) == paired, shape
+        # Q by TMA too: nine 64 x 64 boxes of a (row, column, request) view, into this CTA only
+        q_boxes = re.findall(r"cp\.async\.bulk\.tensor\.3d\.[^ ]*", split)
+        assert len(q_boxes) == 576 // 64 and not any("multicast" in b_ for b_ in q_boxes), (shape, q_boxes)
+        # no cp.async at all (KV and Q come by TMA), and every load completes on an mbarrier
+        assert not re.search(r"cp\.async\.c[ag]\.", split) and "mbarrier.try_wait.parity" in split
         # the warpgroups hand P over through named barriers
         assert re.search(r"bar\.arrive\s+1, 256", split) and re.search(r"bar\.arrive\s+2, 256", split)
         # each warpgroup's P goes to smem with stmatrix (4 x4 instructions per 64 x 64 P)

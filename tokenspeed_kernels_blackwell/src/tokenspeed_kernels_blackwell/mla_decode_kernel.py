@@ -50,6 +50,12 @@ STAMP_NAMES = {STAMP_ENTRY: "entry", STAMP_SETUP: "setup", STAMP_Q: "q landed", 
                STAMP_LOOP_END: "loop end", STAMP_EPI_SYNC: "epilogue sums", STAMP_STORED: "stored",
                STAMP_EXIT: "exit", STAMP_PRODUCER_START: "producer start",
                STAMP_PRODUCER_DONE: "producer done"}
+# Wait records (the see-saw kernel): clock cycles one thread of a warpgroup spent in each kind of
+# wait over the KV loop (after the first S), four u32 sums in a 16-byte record: warpgroup 0's in
+# STAMP_WAITS, warpgroup 1's in the next slot, the producer warp's in the one after.
+STAMP_WAITS = 10
+WAIT_LANDED, WAIT_HANDOVER, WAIT_MMA = 0, 1, 2  # KV "landed" mbarrier / the other warpgroup / own wgmma
+WAIT_NAMES = {WAIT_LANDED: "KV landed", WAIT_HANDOVER: "other warpgroup", WAIT_MMA: "own MMAs"}
 
 
 @dsl_user_op
@@ -69,6 +75,24 @@ def _store_smid(addr, *, loc=None, ip=None):
         None, [cutlass.Int64(addr).ir_value(loc=loc, ip=ip)],
         "{\n.reg .u32 sm;\nmov.u32 sm, %smid;\nst.global.u32 [$0], sm;\n}",
         "l", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _read_clock(*, loc=None, ip=None):
+    """%clock (u32), read where it stands: a side effect, so never moved across the waits it brackets."""
+    return cutlass.Int32(llvm.inline_asm(
+        cutlass.Int32.mlir_type, [], "mov.u32 $0, %clock;", "=r", has_side_effects=True, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def _store_u32x4(addr, a, b, c, d, *, loc=None, ip=None):
+    """Four 32-bit values -> the 16 bytes at global address ``addr``."""
+    llvm.inline_asm(
+        None, [cutlass.Int64(addr).ir_value(loc=loc, ip=ip)] + [cutlass.Int32(v).ir_value(loc=loc, ip=ip)
+                                                                for v in (a, b, c, d)],
+        "st.global.v4.u32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", has_side_effects=True, is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
 
 class MlaDecodeSplitKV(SplitKVCombine):
@@ -101,6 +125,36 @@ class MlaDecodeSplitKV(SplitKVCombine):
                 _store_stamp(base + slot * 16)
                 if cutlass.const_expr(slot == STAMP_ENTRY):
                     _store_smid(base + STAMP_SMID * 16)
+
+    # -- the wait records (only with the probe on; otherwise these compile to the bare wait) --
+    def wait_sums(self):
+        """This thread's cycle sums per kind of wait (WAIT_*), or None without the probe."""
+        if self.stamp_addr == 0:
+            return None
+        sums = cute.make_rmem_tensor((4,), cutlass.Int32)
+        sums.fill(0)
+        return sums
+
+    @staticmethod
+    def timed(sums, kind: int, wait, *args, **kwargs):
+        """``wait(*args, **kwargs)``, its cycles added to ``sums[kind]`` when probing (plain
+        Python: it runs while the kernel is traced, and ``sums`` is None or not at trace time)."""
+        if sums is None:
+            wait(*args, **kwargs)
+        else:
+            t0 = _read_clock()
+            wait(*args, **kwargs)
+            sums[kind] = sums[kind] + (_read_clock() - t0)
+
+    @cute.jit
+    def store_waits(self, slot: cutlass.Constexpr, sums, tidx, who: cutlass.Constexpr):
+        """Thread ``who`` writes its wait sums to this CTA's record ``slot`` (probe only)."""
+        if cutlass.const_expr(sums is not None):
+            if tidx == who:
+                bx, by, bz = cute.arch.block_idx()
+                gx, gy, _ = cute.arch.grid_dim()
+                base = cutlass.Int64(self.stamp_addr) + cutlass.Int64((bz * gy + by) * gx + bx) * (STAMP_SLOTS * 16)
+                _store_u32x4(base + slot * 16, sums[0], sums[1], sums[2], sums[3])
 
     @cute.jit
     def split_tiles(self, n, split, num_splits, block_n: cutlass.Constexpr):

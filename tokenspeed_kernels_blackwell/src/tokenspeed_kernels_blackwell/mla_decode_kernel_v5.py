@@ -55,51 +55,34 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
-from cutlass.cutlass_dsl import dsl_user_op
 
 from . import mla_decode_kernel as base
 from .mla_decode_combine import QUAD, xor_max, xor_sum
 from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _mn_view_sm90
+from .mla_decode_kernel_v5_loads import (
+    CHUNK,
+    K0_EARLY,
+    K0_LATE,
+    K1_EARLY,
+    K1_LATE,
+    ROPE_CHUNK,
+    SeesawLoads,
+)
 
-CHUNK = 64  # columns of one k-group (one 64-column SW128 atom column; 8 KB of a 64-row tile)
 MAX_INIT = -1.0e30  # running max before any score (finite: see the module docstring)
 # Named barriers (id 0 is __syncthreads): WG0 -> WG1 "P0, m0 and its factor in smem", WG1 -> WG0
 # "P1, m1 and its factor in smem"; then one per warpgroup (BAR_WG + wg) for its own smem writes
 # (zeroed V rows) before its wgmma.
 BAR_P0, BAR_P1, BAR_WG = 1, 2, 3
 BAR_MATH = 5  # the two math warpgroups (the producer warpgroup is not in it)
-# Column groups per tile slot, in chunk numbers (chunk 8 = the rope columns, where P goes), and
-# the warpgroup that frees each (the one whose MMA reads it last).
-K0_EARLY, K0_LATE = (0, 1, 2, 3), (4, 5, 6, 7, 8)  # freed by WG0, by WG1
-K1_EARLY, K1_LATE = (4, 5, 6, 7), (0, 1, 2, 3, 8)  # freed by WG1, by WG0
-GROUPS = ((K0_EARLY, K0_LATE), (K1_EARLY, K1_LATE))  # [slot][j], as the mbarriers: group 2 slot + j
-ROPE_CHUNK = 8
 MATH_THREADS = NUM_THREADS  # two math warpgroups; a third (the producer) issues the KV loads
 # setmaxnreg: registers are allocated per warpgroup, so the producer's go to the math warpgroups
 # (128 x 40 + 256 x 232 <= 64K)
 PRODUCER_REGS, MATH_REGS = 40, 232
 
 
-@dsl_user_op
-def prefetch_l2(addr, nbytes: int, *, loc=None, ip=None):
-    """``cp.async.bulk.prefetch.L2``: start pulling ``nbytes`` (a multiple of 16) at the 16-byte
-    aligned global address ``addr`` into L2; no registers, no completion to wait for."""
-    llvm.inline_asm(
-        None,
-        [cutlass.Int64(addr).ir_value(loc=loc, ip=ip), cutlass.Int32(nbytes).ir_value(loc=loc, ip=ip)],
-        "cp.async.bulk.prefetch.L2.global [$0], $1;",
-        "l,r",
-        has_side_effects=True,
-        is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT,
-        loc=loc,
-        ip=ip,
-    )
-
-
-class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
+class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
     """v5: two 64-row KV tiles per step; each warpgroup computes one whole S, see-saw PV."""
 
     one_split_direct = True  # one split a request: out and lse written here, no combine
@@ -194,80 +177,7 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         )
         self.launch_combine(mOPart, mLsePart, mOut, mLse, kv_scale, stream)
 
-    # -- pieces ----------------------------------------------------------------------------------
-    @cute.jit
-    def release(self, slot: cutlass.Constexpr, j: cutlass.Constexpr, wg_tidx, mbar, mbar_free):
-        """This warpgroup has read column group ``GROUPS[slot][j]`` of its tile slot for the last
-        time: arm this CTA's "landed" mbarrier for the group's next load with its bytes, and tell
-        the producer of the CTA that issues it (CTA j of a pair), which waits until every CTA of
-        the pair has freed the group, then multicasts it to all of them. Never blocks."""
-        g = slot * 2 + j
-        if wg_tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar + g, len(GROUPS[slot][j]) * self.block_n * CHUNK
-                                                    * self.dtype.width // 8)
-            if cutlass.const_expr(self.cluster > 1):
-                cute.arch.mbarrier_arrive(mbar_free + g, peer_cta_rank_in_cluster=j)
-            else:
-                cute.arch.mbarrier_arrive(mbar_free + g)
-
-    @cute.jit
-    def issue_group(self, tma_atom, tma_kv, mPageTable, b, tile, sTile, slot: cutlass.Constexpr,
-                    j: cutlass.Constexpr, mbar, mbar_free, phase):
-        """Producer warp: wait until column group ``GROUPS[slot][j]`` is free in every CTA of the
-        pair, then TMA its 64 x 64 chunks of KV tile ``tile`` (to every CTA of the pair)."""
-        BN = self.block_n
-        g = slot * 2 + j
-        # the page-table read is issued before the wait, so its round trip hides under it
-        pos0 = tile * BN
-        page = mPageTable[b, pos0 // self.page_size]
-        row_tile = page * (self.page_size // BN) + (pos0 % self.page_size) // BN
-        cute.arch.mbarrier_wait(mbar_free + g, phase)
-        gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
-        chunks = GROUPS[slot][j]
-        for c in cutlass.range_constexpr(len(chunks)):
-            tAs, tAg = cpasync.tma_partition(
-                tma_atom, 0, cute.make_layout(1),
-                cute.group_modes(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])), 0, 2),
-                cute.group_modes(gKV[None, None, chunks[c]], 0, 2))
-            if cutlass.const_expr(self.cluster > 1):
-                cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g,
-                          mcast_mask=cutlass.Int16((1 << self.cluster) - 1))
-            else:
-                cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g)
-
-    @cute.jit
-    def produce(self, tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar, mbar_free):
-        """The producer warp's loop: every KV tile of the split, column group by column group, in
-        the order the math warpgroups free them (in a pair, this CTA issues the groups j = rank)."""
-        for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
-            phase = ((t0 - t_begin) // 2) % 2
-            for j in cutlass.range_constexpr(2):
-                if self.cluster == 1 or j == rank:
-                    self.issue_group(tma_atom, tma_kv, mPageTable, b, t0, sK0, 0, j, mbar, mbar_free, phase)
-            if t0 + 1 < t_end:
-                for j in cutlass.range_constexpr(2):
-                    if self.cluster == 1 or j == rank:
-                        self.issue_group(tma_atom, tma_kv, mPageTable, b, t0 + 1, sK1, 1, j, mbar, mbar_free,
-                                         phase)
-
-    @cute.jit
-    def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
-        """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
-        contiguous cache rows. Issued at the top of the step before their use, so their bytes are on
-        the way from HBM before that step's TMA loads (issued as columns free) ask for them."""
-        for j in cutlass.range_constexpr(2):
-            if tile + j < t_end:
-                gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
-                prefetch_l2(gKV.iterator.toint(), self.block_n * self.D * mKV.element_type.width // 8)
-
-    @cute.jit
-    def tile_in_cache(self, mKV, mPageTable, b, tile):
-        """KV tile ``tile`` of request ``b``: block_n contiguous rows of one page of the cache."""
-        pos0 = tile * self.block_n
-        page = mPageTable[b, pos0 // self.page_size]
-        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
-        return cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
-
+    # -- pieces of the math warpgroups (the loads: SeesawLoads) --------------------------------
     @cute.jit
     def qk_chunks(self, mma_qk, acc_S, tSrQ, tSrK, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
         """Issue S (+)= Q K^T over the given chunks (4 k16 steps each) as one wgmma group."""
@@ -283,14 +193,14 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
 
     @cute.jit
     def compute_s(self, mma_qk, acc_S, tSrQ, tSrK, early: cutlass.Constexpr, late: cutlass.Constexpr,
-                  mbar_early, mbar_late, phase):
+                  mbar_early, mbar_late, phase, sums):
         """S = Q K^T of a tile whose column groups arrive on two mbarriers: the first group's
         MMAs run while the second is still landing."""
-        cute.arch.mbarrier_wait(mbar_early, phase)  # TMA writes are async-proxy: no fence needed
+        self.timed(sums, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar_early, phase)  # TMA: no proxy fence
         self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, early, True)
-        cute.arch.mbarrier_wait(mbar_late, phase)
+        self.timed(sums, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar_late, phase)
         self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, late, False)
-        warpgroup.wait_group(0)
+        self.timed(sums, base.WAIT_MMA, warpgroup.wait_group, 0)
 
     @cute.jit
     def pv(self, tiled_mma, acc_O, tA, tB):
@@ -442,29 +352,9 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
         sVt0 = cute.local_tile(cute.make_tensor(sK0.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
         sVt1 = cute.local_tile(cute.make_tensor(sK1.iterator, sVt_layout.outer), (self.dv_half, BN), (wg, 0))
 
-        if tidx >= MATH_THREADS and tidx < MATH_THREADS + 32:
-            # The producer warp, before anything else: the mbarriers, then this CTA's Q by TMA (it
-            # needs no other CTA, so it goes before the pair's barrier), in flight while
-            # `cache_seqlens`, the page table and that barrier are waited for. The whole warp runs
-            # the TMA copies: each elects one lane (elect.sync over all 32; with one lane active
-            # it hangs).
-            cpasync.prefetch_descriptor(tma_atom_q)
-            cpasync.prefetch_descriptor(tma_atom)
-            if tidx == MATH_THREADS:
-                for i in cutlass.range_constexpr(4):
-                    cute.arch.mbarrier_init(mbar + i, 1)
-                    cute.arch.mbarrier_init(mbar_free + i, self.cluster)
-                cute.arch.mbarrier_init(mbar_q, 1)
-                cute.arch.mbarrier_init_fence()
-                cute.arch.mbarrier_arrive_and_expect_tx(mbar_q, BLOCK_M * self.D * self.dtype.width // 8)
-            cute.arch.sync_warp()
-            gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
-            for c in cutlass.range_constexpr(self.D // CHUNK):
-                tQs, tQg = cpasync.tma_partition(
-                    tma_atom_q, 0, cute.make_layout(1),
-                    cute.group_modes(cute.local_tile(sQ, (BLOCK_M, CHUNK), (0, c)), 0, 2),
-                    cute.group_modes(gQ[None, None, c], 0, 2))
-                cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=mbar_q)
+        if tidx >= MATH_THREADS and tidx < MATH_THREADS + 32:  # the producer warp, before anything else
+            self.setup_and_load_q(tma_atom_q, tma_q, tma_atom, sQ, m_block, b, tidx - MATH_THREADS, mbar, mbar_free,
+                                  mbar_q)
         if tidx < BLOCK_M:
             sM[tidx] = MAX_INIT
         # The mbarriers are initialised before any thread (of either CTA of a pair) uses them: the
@@ -484,9 +374,11 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             if tidx < MATH_THREADS + 32:
                 rank = cute.arch.block_idx_in_cluster() if cutlass.const_expr(self.cluster > 1) else 0
                 self.stamp(base.STAMP_PRODUCER_START, tidx, MATH_THREADS)
+                producer_waits = self.wait_sums()
                 self.produce(tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar,
-                             mbar_free)
+                             mbar_free, producer_waits)
                 self.stamp(base.STAMP_PRODUCER_DONE, tidx, MATH_THREADS)
+                self.store_waits(base.STAMP_WAITS + 2, producer_waits, tidx, MATH_THREADS)
         else:
             cute.arch.setmaxregister_increase(MATH_REGS)
             # ---- the first two tiles' column groups released to the producer; Q landed ----
@@ -543,11 +435,12 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
             # ---- prologue: S of the first step's tiles ----
             if wg == 0:
                 if t_begin < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0)
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0, None)
             else:
                 if t_begin + 1 < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0)
+                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0, None)
             self.stamp(base.STAMP_FIRST_S, tidx, 0)
+            waits = self.wait_sums()  # the timing probe's wait records (None: not compiled)
 
             for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
                 t1 = t0 + 1
@@ -566,31 +459,33 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                     # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
                     self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                     self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV0_rs)
-                    warpgroup.wait_group(0)
+                    self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
                     if t0 + 2 < t_end:
                         self.release(0, 0, wg_tidx, mbar, mbar_free)
                     # (c) O_L to WG1's max m1, O_L += P1 V1_L; then K1's columns 0-255, 512-575 are free.
                     # (d) the next step's S0 is queued behind that MMA: its columns were freed early in
                     # this step, and S0 writes acc_S, which the MMA does not read (P1 comes from smem)
                     if has1:
-                        cute.arch.barrier(barrier_id=BAR_P1, number_of_threads=MATH_THREADS)
+                        self.timed(waits, base.WAIT_HANDOVER, cute.arch.barrier, barrier_id=BAR_P1,
+                                   number_of_threads=MATH_THREADS)
                         self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 1)
                         self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                         self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
                         if t0 + 2 < t_end:
-                            cute.arch.mbarrier_wait(mbar + 0, next_phase)
+                            self.timed(waits, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar + 0, next_phase)
                             self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, True)
-                            warpgroup.wait_group(1)  # O_L += P1 V1_L done
+                            self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 1)  # O_L += P1 V1_L done
                             if t0 + 3 < t_end:
                                 self.release(1, 1, wg_tidx, mbar, mbar_free)
-                            cute.arch.mbarrier_wait(mbar + 1, next_phase)
+                            self.timed(waits, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar + 1, next_phase)
                             self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_LATE, False)
-                            warpgroup.wait_group(0)
+                            self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
                         else:
-                            warpgroup.wait_group(0)
+                            self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
                 else:
                     # (a) O_R to m0, O_R += P0 V0_R; under it the softmax of S1 (m1 = max(m0, rowmax))
-                    cute.arch.barrier(barrier_id=BAR_P0, number_of_threads=MATH_THREADS)
+                    self.timed(waits, base.WAIT_HANDOVER, cute.arch.barrier, barrier_id=BAR_P0,
+                               number_of_threads=MATH_THREADS)
                     self.rescale_to_other(acc_O_mn, row_sum, tile_max, sScale, rows, 0)
                     self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                     self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
@@ -598,24 +493,26 @@ class MlaDecodeSplitKVSeesaw(MlaDecodeSplitKVWgmma):
                         self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
                         fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
                         self.share_p(acc_S, rP, p_copy, tPrP, tPsP1, BAR_P1)
-                        warpgroup.wait_group(0)  # O_R += P0 V0_R done: K0's columns 256-575 are free
+                        self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)  # O_R += P0 V0_R done: K0's 256-575 free
                         if t0 + 2 < t_end:
                             self.release(0, 1, wg_tidx, mbar, mbar_free)
                         # (b) O_R to m1, O_R += P1 V1_R from registers; then K1's 256-511 are free
                         self.rescale(acc_O_mn, row_sum, fac1, acc_S_mn)
                         self.zero_stale_v(sVt1, n, t1, wg, wg_tidx)
                         self.pv(mma_pv_rs, acc_O, tOrP_rs, tOrV1_rs)
-                        warpgroup.wait_group(0)
+                        self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
                         if t0 + 3 < t_end:
                             self.release(1, 0, wg_tidx, mbar, mbar_free)
                             # (c) the next step's S1
                             self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
-                                           next_phase)
+                                           next_phase, waits)
                     else:
-                        warpgroup.wait_group(0)
+                        self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
 
             # ---- epilogue: add the two warpgroups' row sums, normalise, write the split's partials ----
             self.stamp(base.STAMP_LOOP_END, tidx, 0)
+            self.store_waits(base.STAMP_WAITS, waits, tidx, 0)
+            self.store_waits(base.STAMP_WAITS + 1, waits, tidx, 128)
             cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)  # sM final; every load was waited for
             for r in cutlass.range_constexpr(2):
                 row_sum[r] = xor_sum(row_sum[r], QUAD)
