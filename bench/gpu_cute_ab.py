@@ -15,7 +15,8 @@ JSON line per row; ``--out`` appends them to ``ab.jsonl``. ``--src DIR`` imports
 package from DIR instead (another checkout's ``tokenspeed_kernels_blackwell/src``: the build
 before a change, copied beside the tree); ``--kernels`` adds each kernel's own device time
 (torch.profiler, eager calls: split stage and combine apart); ``--splits 16,32,64`` adds the
-time at each forced split count (the split rule's sweep).
+time at each forced split count (the split rule's sweep); ``--flush read`` flushes L2 with a read
+instead of the anchors' write (whose dirty lines a streaming kernel writes back during its call).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main():
     ap.add_argument("--src", default="", help="import tokenspeed_kernels_blackwell from this directory")
     ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
     ap.add_argument("--splits", default="", help="also time these forced split counts per row ('16,32,64')")
+    ap.add_argument("--flush", default="write", choices=("write", "read"),
+                    help="L2 flush before each call: a write (as the anchors' do_bench; leaves dirty lines) or a read")
     args = ap.parse_args()
     if args.src:
         sys.path.insert(0, os.path.abspath(args.src))
@@ -58,8 +61,8 @@ def main():
         a["out"].fill_(float("nan"))
         cm.mla_decode(**a)
         diff = float((a["out"].float() - ref.float()).abs().max())
-        t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True).median_us
-        row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, cute_us=round(t, 1),
+        t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True, flush_l2=args.flush).median_us
+        row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, flush=args.flush, cute_us=round(t, 1),
                    max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0))
         if args.kernels:
             try:
@@ -70,7 +73,8 @@ def main():
             a["out"].fill_(float("nan"))
             cm.mla_decode(**a, num_kv_splits=n)
             d_n = float((a["out"].float() - ref.float()).abs().max())
-            t_n = time_calls([lambda a=a, n=n: cm.mla_decode(**a, num_kv_splits=n)], device, cuda_graph=True).median_us
+            t_n = time_calls([lambda a=a, n=n: cm.mla_decode(**a, num_kv_splits=n)], device, cuda_graph=True,
+                             flush_l2=args.flush).median_us
             row[f"splits_{n}_us"] = round(t_n, 1) if d_n < 0.05 else f"wrong ({d_n:.3g})"
         print(json.dumps(row), flush=True)
         if args.out:

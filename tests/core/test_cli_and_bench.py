@@ -66,3 +66,16 @@ def test_run_bench_reports_unsupported_backend_as_row():
 def test_check_reference_passes(capsys):
     assert main(["check", "reference", "--ops", "mla_decode"]) == 0
     assert "reference: PASS" in capsys.readouterr().out
+
+
+def test_time_calls_flush_modes():
+    """The L2 flush before each timed call: a write (the default, as triton's do_bench), a read
+    (clean lines) or none; anything else is refused by name. On CPU there is nothing to flush."""
+    from tokenspeed_core.bench import time_calls
+
+    calls = [lambda: None]
+    for mode in (True, "write", "read", False):
+        t = time_calls(calls, torch.device("cpu"), warmup=1, iters=3, flush_l2=mode)
+        assert t.method == "wall-clock" and t.iters == 3
+    with pytest.raises(ValueError, match="flush_l2"):
+        time_calls(calls, torch.device("cpu"), flush_l2="dirty")

@@ -1,8 +1,14 @@
 """Timing of one kernel call: CUDA events (or graph replay) on GPU, wall clock on CPU.
 
-GPU: warm-up first (compilation, caches), then each timed call is preceded by an L2 flush (a write
-over a buffer larger than L2) outside the timed region, and inputs rotate over several copies when
-they would fit in L2; the median and the 10th/90th percentiles are reported.
+GPU: warm-up first (compilation, caches), then each timed call is preceded by an L2 flush outside
+the timed region, and inputs rotate over several copies when they would fit in L2; the median and
+the 10th/90th percentiles are reported.
+
+The flush is, by default, a write over a buffer larger than L2, as ``triton.testing.do_bench``
+does (and so the anchors of ../shared/anchors). It leaves L2 full of dirty lines, and a kernel
+that streams more than L2 holds writes them back as it evicts them: on an H100 that is ~40-50 MB
+of write-back sharing DRAM with the call's reads (docs/cute.md, next steps). ``flush_l2="read"``
+reads the buffer instead, leaving clean lines, to show how much of a call's time that is.
 """
 
 from __future__ import annotations
@@ -30,10 +36,19 @@ def _summary(samples_us: list[float], method: str) -> Timing:
     return Timing(statistics.median(s), s[int(0.1 * (n - 1))], s[int(0.9 * (n - 1))], n, method)
 
 
+FLUSH_MODES = ("write", "read")
+
+
 def time_calls(calls: Sequence[Callable[[], None]], device: torch.device, *, warmup: int = 5,
-               iters: int = 50, flush_l2: bool = True, cuda_graph: bool = False,
+               iters: int = 50, flush_l2: bool | str = True, cuda_graph: bool = False,
                max_seconds: float = 10.0) -> Timing:
-    """Time ``calls`` (one per rotated input set), cycling through them."""
+    """Time ``calls`` (one per rotated input set), cycling through them. ``flush_l2``: True or
+    "write" (the default: a write over a buffer larger than L2 before each call), "read" (a read
+    of it: clean lines), False (none)."""
+    if flush_l2 is True:
+        flush_l2 = "write"
+    if flush_l2 not in (False, None) and flush_l2 not in FLUSH_MODES:
+        raise ValueError(f"flush_l2 must be True, False or one of {FLUSH_MODES}, got {flush_l2!r}")
     if device.type != "cuda":
         return _time_cpu(calls, warmup=min(warmup, 2), iters=iters, max_seconds=max_seconds)
     return _time_cuda(calls, device, warmup=warmup, iters=iters, flush_l2=flush_l2,
@@ -87,13 +102,16 @@ def _time_cuda(calls, device, *, warmup, iters, flush_l2, cuda_graph, max_second
         runners = [g.replay for g in graphs]
         method = "cuda-graph"
     flush = _l2_flush_buffer(device) if flush_l2 else None
+    flush_sum = torch.zeros((), dtype=torch.int64, device=device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     t_end = time.perf_counter() + max_seconds
     done = 0
     for i in range(iters):
-        if flush is not None:
+        if flush_l2 == "write":
             flush.zero_()
+        elif flush_l2 == "read":
+            torch.sum(flush, dtype=torch.int64, out=flush_sum)
         starts[i].record()
         runners[i % len(runners)]()
         ends[i].record()
