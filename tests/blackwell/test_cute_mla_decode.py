@@ -166,6 +166,21 @@ def test_partials_are_in_the_output_dtype_and_absent_with_one_split(dtype):
     assert o_sm100.shape == (4, 1, 128, 512)
 
 
+def test_a_misaligned_cache_is_refused_by_name():
+    """The kernels move the cache 16 bytes at a time (TMA boxes, cp.async): a cache view at an odd
+    element offset is refused with its name before anything is launched (q and out at such
+    offsets go through aligned copies instead)."""
+    flat = torch.randn(2 * 64 * 576 + 1, dtype=torch.bfloat16)
+    cache = flat[1:].view(2, 64, 576)  # data pointer 2 bytes past an aligned one
+    assert cache.data_ptr() % cute_mla.ALIGN != 0
+    q = torch.randn(1, 1, 16, 576, dtype=torch.bfloat16)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    lens = torch.tensor([100], dtype=torch.int32)
+    out, lse = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16), torch.empty(1, 1, 16)
+    with pytest.raises(ValueError, match="kv_cache.*16-byte aligned"):
+        cute_mla.mla_decode(q, cache, table, lens, out, lse, 0.07)
+
+
 @pytest.mark.skipif("TOKENSPEED_CUTE_MLA_VARIANT" in os.environ, reason="variant forced")
 def test_default_variant_ranks_above_triton_where_it_measured_faster():
     reg = _registry()

@@ -341,25 +341,42 @@ def partial_buffers(batch: int, splits: int, m: int, head_dim_v: int, dtype, dev
             torch.empty((batch, splits, m), dtype=torch.float32, device=device))
 
 
+ALIGN = 16  # bytes: q, the cache and out are moved 16 bytes at a time (TMA boxes, cp.async, st.v4)
+
+
+def _misaligned(t) -> bool:
+    return t.data_ptr() % ALIGN != 0
+
+
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
                kv_scale=1.0, variant=None, num_kv_splits=None):
     """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``.
 
-    ``num_kv_splits`` overrides the split rule (benchmarks sweep it); it must be >= 1."""
-    from .mla_decode_kernel import softmax_scale_log2
-
+    ``num_kv_splits`` overrides the split rule (benchmarks sweep it); it must be >= 1. q and out
+    at a data pointer that is not 16-byte aligned (a view at an odd element offset) go through
+    aligned copies; such a cache is refused by name (copying it would cost more than the call)."""
     batch, q_len, heads, d = q.shape
     if batch == 0:
         return
+    if _misaligned(kv_cache):
+        raise ValueError(f"kv_cache: the CuTe kernels read it 16 bytes at a time, but its data pointer "
+                         f"{kv_cache.data_ptr():#x} is not {ALIGN}-byte aligned (a view at an element offset?); "
+                         f"pass an aligned cache or choose the triton backend")
+    from .mla_decode_kernel import softmax_scale_log2
+
     dev = q.device
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     fn, splits, m, resolved = _launch_plan(idx, q.dtype, batch, q_len, heads, d, kv_cache.dtype, kv_cache.shape[1],
                                            page_table.shape[1], head_dim_v, variant, num_kv_splits)
     o_part, lse_part = partial_buffers(batch, splits, m, head_dim_v, q.dtype, dev, resolved)
-    out_c = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    out_c = out if out.is_contiguous() and not _misaligned(out) else torch.empty_like(
+        out, memory_format=torch.contiguous_format)
     lse_c = lse if lse.is_contiguous() else torch.empty_like(lse, memory_format=torch.contiguous_format)
+    q_c = q.contiguous()
+    if _misaligned(q_c):
+        q_c = q_c.clone()
     fn(
-        q.contiguous().view(batch, m, d),
+        q_c.view(batch, m, d),
         kv_cache.contiguous().view(-1, d),
         page_table.contiguous(),
         cache_seqlens.contiguous(),
