@@ -102,7 +102,7 @@ def _time_cuda(calls, device, *, warmup, iters, flush_l2, cuda_graph, max_second
         runners = [g.replay for g in graphs]
         method = "cuda-graph"
     flush = _l2_flush_buffer(device) if flush_l2 else None
-    flush_sum = torch.zeros((), dtype=torch.int64, device=device)
+    flush_sum = torch.zeros((), dtype=torch.int64, device=device) if flush_l2 == "read" else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     t_end = time.perf_counter() + max_seconds

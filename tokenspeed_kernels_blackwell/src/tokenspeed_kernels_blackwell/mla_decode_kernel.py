@@ -119,12 +119,16 @@ class MlaDecodeSplitKV(SplitKVCombine):
         at ``STAMP_ENTRY`` its SM id. Nothing is compiled unless ``stamp_addr`` is set."""
         if cutlass.const_expr(self.stamp_addr != 0):
             if tidx == who:
-                bx, by, bz = cute.arch.block_idx()
-                gx, gy, _ = cute.arch.grid_dim()
-                base = cutlass.Int64(self.stamp_addr) + cutlass.Int64((bz * gy + by) * gx + bx) * (STAMP_SLOTS * 16)
+                base = self.stamp_record()
                 _store_stamp(base + slot * 16)
                 if cutlass.const_expr(slot == STAMP_ENTRY):
                     _store_smid(base + STAMP_SMID * 16)
+
+    def stamp_record(self):
+        """Global address of this CTA's STAMP_SLOTS records in the probe's buffer."""
+        bx, by, bz = cute.arch.block_idx()
+        gx, gy, _ = cute.arch.grid_dim()
+        return cutlass.Int64(self.stamp_addr) + cutlass.Int64((bz * gy + by) * gx + bx) * (STAMP_SLOTS * 16)
 
     # -- the wait records (only with the probe on; otherwise these compile to the bare wait) --
     def wait_sums(self):
@@ -151,10 +155,7 @@ class MlaDecodeSplitKV(SplitKVCombine):
         """Thread ``who`` writes its wait sums to this CTA's record ``slot`` (probe only)."""
         if cutlass.const_expr(sums is not None):
             if tidx == who:
-                bx, by, bz = cute.arch.block_idx()
-                gx, gy, _ = cute.arch.grid_dim()
-                base = cutlass.Int64(self.stamp_addr) + cutlass.Int64((bz * gy + by) * gx + bx) * (STAMP_SLOTS * 16)
-                _store_u32x4(base + slot * 16, sums[0], sums[1], sums[2], sums[3])
+                _store_u32x4(self.stamp_record() + slot * 16, sums[0], sums[1], sums[2], sums[3])
 
     @cute.jit
     def split_tiles(self, n, split, num_splits, block_n: cutlass.Constexpr):
