@@ -135,7 +135,7 @@ def analyse(rec, stream, n_ctas):
             continue
         u32 = torch.stack([rec[:, slot, 0] & 0xFFFFFFFF, (rec[:, slot, 0] >> 32) & 0xFFFFFFFF,
                            rec[:, slot, 1] & 0xFFFFFFFF], dim=1).double()
-        kinds = mk.WAIT_NAMES if who != "producer" else {mk.WAIT_LANDED: "KV freed"}
+        kinds = mk.WAIT_NAMES if who != "producer" else {mk.WAIT_FREED: "KV freed"}
         for kind, name in kinds.items():
             d = (u32[:, kind] * ns_per_cycle / 1e3).tolist()
             waits[f"{who} waits for {name}"] = dict(p50=round(pct(d, 0.5), 2), p90=round(pct(d, 0.9), 2))

@@ -56,6 +56,7 @@ STAMP_NAMES = {STAMP_ENTRY: "entry", STAMP_SETUP: "setup", STAMP_Q: "q landed", 
 STAMP_WAITS = 10
 WAIT_LANDED, WAIT_HANDOVER, WAIT_MMA = 0, 1, 2  # KV "landed" mbarrier / the other warpgroup / own wgmma
 WAIT_NAMES = {WAIT_LANDED: "KV landed", WAIT_HANDOVER: "other warpgroup", WAIT_MMA: "own MMAs"}
+WAIT_FREED = 0  # the producer's record: its waits for KV columns to be freed
 
 
 @dsl_user_op

@@ -358,7 +358,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         if tidx < BLOCK_M:
             sM[tidx] = MAX_INIT
         # The mbarriers are initialised before any thread (of either CTA of a pair) uses them: the
-        # init fence above releases them, so the arrive is relaxed. A releasing arrive waited for
+        # producer's init fence (setup_and_load_q) releases them, so the arrive is relaxed (as
+        # CUTLASS pairs fence_barrier_init with cluster_arrive_relaxed). A releasing arrive waited for
         # the CTA's loads in flight, i.e. for all of Q: 6.2-6.5 us at B 16 q 4 H 128, where the
         # wave loads 9.4 MB of Q, before the first KV tiles were asked for (1.0 us relaxed;
         # docs/perf/cute.md, runs 40-41). sM is published by the math threads' barrier below.

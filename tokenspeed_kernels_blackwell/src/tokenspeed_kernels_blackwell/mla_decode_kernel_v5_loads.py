@@ -108,7 +108,7 @@ class SeesawLoads:
         pos0 = tile * BN
         page = mPageTable[b, pos0 // self.page_size]
         row_tile = page * (self.page_size // BN) + (pos0 % self.page_size) // BN
-        self.timed(sums, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar_free + g, phase)  # (the "freed" wait)
+        self.timed(sums, base.WAIT_FREED, cute.arch.mbarrier_wait, mbar_free + g, phase)
         gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
         chunks = GROUPS[slot][j]
         for c in cutlass.range_constexpr(len(chunks)):
