@@ -389,6 +389,39 @@ def test_timing_probe_is_compiled_only_when_asked(tmp_path):
     assert stamps == {"v5": (10, 1, 3, True), "v3": (7, 1, 0, False), "v4": (7, 1, 0, False)}, stamps
 
 
+def test_stamps_script_reads_the_records_back():
+    """bench/gpu_cute_stamps.py's analysis of a probed call (CPU, synthetic records): phases from
+    the stamps at the SM clock their (globaltimer, clock) pairs imply, and the wait records' four
+    32-bit sums unpacked per warpgroup and for the producer."""
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    import importlib.util
+
+    from tokenspeed_kernels_blackwell import mla_decode_kernel as mk
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_cute_stamps.py")
+    spec = importlib.util.spec_from_file_location("gpu_cute_stamps", path)
+    stamps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stamps)
+    n = 3
+    rec = torch.zeros((n, mk.STAMP_SLOTS, 2), dtype=torch.int64)
+    for c in range(n):
+        for k, slot in enumerate((mk.STAMP_ENTRY, mk.STAMP_SETUP, mk.STAMP_Q, mk.STAMP_FIRST_S,
+                                  mk.STAMP_LOOP_END, mk.STAMP_EPI_SYNC, mk.STAMP_STORED, mk.STAMP_EXIT)):
+            rec[c, slot] = torch.tensor([10_000 + 1000 * k, 50_000 + 2000 * k])  # ns, cycles: 2 GHz
+        rec[c, mk.STAMP_WAITS] = torch.tensor([100 + (200 << 32), 300])  # WG0: landed, other, MMAs
+        rec[c, mk.STAMP_WAITS + 1] = torch.tensor([400, 0])
+        rec[c, mk.STAMP_WAITS + 2] = torch.tensor([4000, 0])  # the producer's waits for "freed"
+    out = stamps.analyse(rec, torch.tensor([[9_000, 0], [20_000, 0]]), n)
+    assert out["sm_clock_mhz"] == 2000.0 and out["launch_gap_us"] == 1.0
+    assert out["phases_us"]["first S -> loop end"] == {"p50": 1.0, "p90": 1.0}
+    waits = out["loop_waits_us"]
+    assert waits["WG0 waits for KV landed"]["p50"] == 0.05  # 100 cycles at 2 GHz
+    assert waits["WG0 waits for other warpgroup"]["p50"] == 0.1
+    assert waits["WG0 waits for own MMAs"]["p50"] == 0.15
+    assert waits["WG1 waits for KV landed"]["p50"] == 0.2 and waits["WG1 waits for own MMAs"]["p50"] == 0.0
+    assert waits["producer waits for KV freed"]["p50"] == 2.0
+
+
 SHAPES_V5 = [  # (dtype, H, q_len, page size, variant[, cache dtype]) -> the kernel v5 launches
     (("bfloat16", 128, 1, 64, "v5"), "v5"), (("float16", 16, 8, 128, "v5"), "v5"),
     (("bfloat16", 32, 3, 64, "v5"), "v5"),  # 96 folded rows: two m-blocks
