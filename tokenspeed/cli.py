@@ -141,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task(op, total=None)
             rows = run_bench(op, cases, registry=reg, device=device, ceilings=ceilings, backends=backends,
-                             iters=args.iters, cuda_graph=args.graph,
+                             iters=args.iters, cuda_graph=args.graph, l2_flush=args.l2_flush,
                              progress=lambda msg, task=task: progress.update(task, description=msg, advance=1))
         all_rows += rows
     _print_bench(all_rows, ceilings)
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
+    p.add_argument("--l2-flush", choices=("write", "read"), default="write",
+                   help="flush L2 before each call with a write (default, as triton's do_bench: leaves dirty "
+                        "lines that a streaming kernel writes back) or a read (clean lines)")
     p.add_argument("--ceilings", action="store_true", help="(re)measure copy bandwidth and GEMM rate and cache them")
     p.add_argument("--json", help="write rows and ceilings to this JSON file")
     p.add_argument("--csv", help="write rows to this CSV file")

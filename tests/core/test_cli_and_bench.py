@@ -47,6 +47,17 @@ def test_bench_mla_decode_small_preset_writes_json_and_csv(tmp_path, capsys):
     assert "% copy" in capsys.readouterr().out
 
 
+def test_bench_l2_flush_option_reaches_the_repro(tmp_path):
+    j = tmp_path / "r.json"
+    rc = main(["bench", "mla_decode", "--preset", "small", "--backends", "reference", "--iters", "3",
+               "--l2-flush", "read", "--json", str(j)])
+    assert rc == 0
+    rows = json.loads(j.read_text())["rows"]
+    assert rows and all(r["repro"].endswith("--l2-flush read") for r in rows)
+    with pytest.raises(SystemExit):
+        main(["bench", "mla_decode", "--l2-flush", "dirty"])
+
+
 def test_bench_repro_shape_roundtrip():
     case = dict(B=2, q_len=4, H=16, page_size=64, seqlens=[5, 9], dtype=torch.bfloat16, ragged=False)
     assert parse_shape(format_shape(case)) == case

@@ -82,8 +82,11 @@ def _parse_value(v: str):
 
 def run_bench(op: str, cases: Sequence[dict], *, registry: Registry, device: torch.device,
               ceilings: Ceilings, backends: Iterable[str] | None = None, iters: int = 50,
-              cuda_graph: bool = False, seed: int = 0,
+              cuda_graph: bool = False, seed: int = 0, l2_flush: str = "write",
               progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Time every implementation of ``op`` that runs each case. ``l2_flush``: how L2 is flushed
+    before each timed call, "write" (as ``triton.testing.do_bench``; the default) or "read"
+    (clean lines; see :func:`time_calls`)."""
     spec = registry.spec(op)
     wanted = set(backends) if backends else None
     cap = _device.capability(device)
@@ -110,7 +113,8 @@ def run_bench(op: str, cases: Sequence[dict], *, registry: Registry, device: tor
             if progress:
                 progress(f"{op} {impl.backend} {label}")
             repro = (f"tokenspeed bench {op} --shape {shlex.quote(format_shape(case))} "
-                     f"--backends {impl.backend}" + (" --graph" if cuda_graph else ""))
+                     f"--backends {impl.backend}" + (" --graph" if cuda_graph else "")
+                     + (f" --l2-flush {l2_flush}" if l2_flush != "write" else ""))
             reason = impl.reject_reason(sig, spec.primary)
             if reason:
                 rows.append(_row(op, impl.backend, label, device, None, cost, ceilings, repro,
@@ -118,7 +122,7 @@ def run_bench(op: str, cases: Sequence[dict], *, registry: Registry, device: tor
                 continue
             fns = [_bound(impl.fn, c.kwargs()) for c in calls_by_set]
             try:
-                t = time_calls(fns, device, iters=iters, cuda_graph=cuda_graph)
+                t = time_calls(fns, device, iters=iters, cuda_graph=cuda_graph, flush_l2=l2_flush)
             except Exception as exc:  # a failing backend is a row, not the end of the sweep
                 rows.append(_row(op, impl.backend, label, device, None, cost, ceilings, repro,
                                  error=f"{type(exc).__name__}: {exc}"))
