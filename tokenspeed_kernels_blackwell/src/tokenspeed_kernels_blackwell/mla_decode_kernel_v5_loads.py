@@ -55,6 +55,15 @@ def prefetch_l2(addr, nbytes: int, *, loc=None, ip=None):
     )
 
 
+def chunk_box(tma_atom, sTile, gChunks, c: int):
+    """(smem, gmem) views of 64-column chunk ``c`` as one TMA box: ``sTile`` a 64-row tile in
+    smem, ``gChunks`` the matching (64, CHUNK, chunks) tiling of the global tensor."""
+    return cpasync.tma_partition(
+        tma_atom, 0, cute.make_layout(1),
+        cute.group_modes(cute.local_tile(sTile, (cute.size(sTile, mode=[0]), CHUNK), (0, c)), 0, 2),
+        cute.group_modes(gChunks[None, None, c], 0, 2))
+
+
 class SeesawLoads:
     """The see-saw kernel's loads (a mixin; see the module docstring)."""
 
@@ -76,10 +85,7 @@ class SeesawLoads:
         cute.arch.sync_warp()
         gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
         for c in cutlass.range_constexpr(self.D // CHUNK):
-            tQs, tQg = cpasync.tma_partition(
-                tma_atom_q, 0, cute.make_layout(1),
-                cute.group_modes(cute.local_tile(sQ, (BLOCK_M, CHUNK), (0, c)), 0, 2),
-                cute.group_modes(gQ[None, None, c], 0, 2))
+            tQs, tQg = chunk_box(tma_atom_q, sQ, gQ, c)
             cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=mbar_q)
 
     @cute.jit
@@ -112,10 +118,7 @@ class SeesawLoads:
         gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
         chunks = GROUPS[slot][j]
         for c in cutlass.range_constexpr(len(chunks)):
-            tAs, tAg = cpasync.tma_partition(
-                tma_atom, 0, cute.make_layout(1),
-                cute.group_modes(cute.local_tile(sTile, (BN, CHUNK), (0, chunks[c])), 0, 2),
-                cute.group_modes(gKV[None, None, chunks[c]], 0, 2))
+            tAs, tAg = chunk_box(tma_atom, sTile, gKV, chunks[c])
             if cutlass.const_expr(self.cluster > 1):
                 cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g,
                           mcast_mask=cutlass.Int16((1 << self.cluster) - 1))
