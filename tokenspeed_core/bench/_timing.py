@@ -111,7 +111,8 @@ def _time_cuda(calls, device, *, warmup, iters, flush_l2, cuda_graph, max_second
         if flush_l2 == "write":
             flush.zero_()
         elif flush_l2 == "read":
-            torch.sum(flush, dtype=torch.int64, out=flush_sum)
+            # a reduction reads every line; sum's out= form needs a dim (run 43: the dtype= form raised)
+            torch.sum(flush.view(torch.int64), dim=0, out=flush_sum)
         starts[i].record()
         runners[i % len(runners)]()
         ends[i].record()
