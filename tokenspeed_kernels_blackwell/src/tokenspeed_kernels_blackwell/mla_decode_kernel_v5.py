@@ -376,7 +376,7 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                 rank = cute.arch.block_idx_in_cluster() if cutlass.const_expr(self.cluster > 1) else 0
                 self.stamp(base.STAMP_PRODUCER_START, tidx, MATH_THREADS)
                 producer_waits = self.wait_sums()
-                self.produce(tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar,
+                self.produce(mKV, tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar,
                              mbar_free, producer_waits)
                 self.stamp(base.STAMP_PRODUCER_DONE, tidx, MATH_THREADS)
                 self.store_waits(base.STAMP_WAITS + 2, producer_waits, tidx, MATH_THREADS)
@@ -446,7 +446,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
                 t1 = t0 + 1
                 if cutlass.const_expr(self.l2_prefetch):
-                    if tidx == 0 and m_block % self.cluster == 0:  # the next step's tiles, a step ahead
+                    # the second step's tiles, once the first S is done; the producer asks for the rest
+                    if tidx == 0 and m_block % self.cluster == 0 and t0 == t_begin:
                         self.prefetch_tiles(mKV, mPageTable, b, t0 + 2, t_end)
                 has1 = t1 < t_end
                 next_phase = ((t0 - t_begin) // 2 + 1) % 2

@@ -126,11 +126,19 @@ class SeesawLoads:
                 cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=mbar + g)
 
     @cute.jit
-    def produce(self, tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar, mbar_free, sums):
+    def produce(self, mKV, tma_atom, tma_kv, mPageTable, b, t_begin, t_end, sK0, sK1, rank, mbar, mbar_free,
+                sums):
         """The producer warp's loop: every KV tile of the split, column group by column group, in
-        the order the math warpgroups free them (in a pair, this CTA issues the groups j = rank)."""
+        the order the math warpgroups free them (in a pair, this CTA issues the groups j = rank).
+        It turns to a step's tiles as the math warpgroups begin the step before, which is when it
+        asks L2 for them from the third step on (``l2_prefetch``; a math thread asks for the
+        second step's once the first S is done, so they do not compete with Q and the first tiles)."""
         for t0 in cutlass.range(t_begin, t_end, 2, unroll=1):
             phase = ((t0 - t_begin) // 2) % 2
+            if cutlass.const_expr(self.l2_prefetch):
+                if rank == 0 and t0 >= t_begin + 4:
+                    if cute.arch.lane_idx() == 0:
+                        self.prefetch_tiles(mKV, mPageTable, b, t0, t_end)
             for j in cutlass.range_constexpr(2):
                 if self.cluster == 1 or j == rank:
                     self.issue_group(tma_atom, tma_kv, mPageTable, b, t0, sK0, 0, j, mbar, mbar_free, phase, sums)
