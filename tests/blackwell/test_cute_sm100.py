@@ -108,20 +108,23 @@ def _idescs(ptx: str) -> list[dict]:
 
 # The synchronisation protocol, in PTX order (the kernel is straight-line code around one loop,
 # so text order is program order): events of interest, consecutive repeats collapsed.
-_EVENTS = [("wait_group", r"cp\.async\.wait_group"), ("cp_async", r"cp\.async\.cg\.shared\.global"),
-           ("proxy", r"fence\.proxy\.async\.shared::cta"), ("before", r"tcgen05\.fence::before_thread_sync"),
+_EVENTS = [("init", r"mbarrier\.init"), ("expect_tx", r"mbarrier\.arrive\.expect_tx"),
+           ("tma", r"cp\.async\.bulk\.tensor"), ("proxy", r"fence\.proxy\.async\.shared::cta"), ("before", r"tcgen05\.fence::before_thread_sync"),
            ("bar", r"\bbar\.sync\s+0;"), ("after", r"tcgen05\.fence::after_thread_sync"),
            ("mma", r"tcgen05\.mma\."), ("commit", r"tcgen05\.commit\."), ("try_wait", r"mbarrier\.try_wait"),
            ("ld", r"tcgen05\.ld\."), ("wait_ld", r"tcgen05\.wait::ld"), ("st", r"tcgen05\.st\."),
            ("wait_st", r"tcgen05\.wait::st"), ("sts", r"st\.shared\.v4"), ("alloc", r"tcgen05\.alloc"),
            ("dealloc", r"tcgen05\.dealloc"), ("stg", r"st\.global\.v4"), ("vote", r"vote\.sync\.ballot")]
 PROTOCOL = [
+    "init", "bar",  # mbarriers initialised before anyone arms or waits on them
+    "expect_tx", "tma",  # Q and the first KV tile: barrier armed with the bytes, then the boxes
     "alloc",
-    # loop top: tile landed, published to the async proxy, TMEM reads of the last tile ordered
-    "wait_group", "proxy", "before", "bar", "after",
+    # loop top: Q / tile landed (mbarrier, no proxy fence for TMA writes); stale V rows zeroed
+    # and published to the async proxy; TMEM reads of the last tile ordered
+    "try_wait", "sts", "proxy", "before", "bar", "after",
     "mma", "commit",  # S = Q K^T, committed to the mbarrier
     "try_wait", "after",  # S (and the previous PV) done
-    "cp_async",  # next tile into the freed slot
+    "expect_tx", "tma",  # next tile into the freed slot
     "ld", "wait_ld", "sts",  # S row -> softmax -> P to smem
     "vote", "ld", "wait_ld", "st", "wait_st",  # O correction
     "proxy", "before", "bar", "after", "mma",  # P published, TMEM stores ordered, then PV
@@ -187,11 +190,11 @@ def _check_ptx(path: str, arch: str) -> None:
     # MMA completion: commit to an mbarrier (in the loop, after it), waited by parity
     assert split.count("tcgen05.commit.cta_group::1.mbarrier::arrive::one") == 2, name
     assert "mbarrier.try_wait.parity" in split, name
-    # ordering of TMEM traffic across threads, and of generic-proxy smem writes (cp.async, zero
-    # fill, P) before the tensor cores read them
+    # ordering of TMEM traffic across threads, and of generic-proxy smem writes (zeroed stale V
+    # rows, P) before the tensor cores read them
     assert "tcgen05.fence::before_thread_sync" in split and "tcgen05.fence::after_thread_sync" in split, name
-    assert "fence.proxy.async.shared::cta" in split, name
-    assert "cp.async.cg.shared.global" in split, name
+    assert split.count("fence.proxy.async.shared::cta") == 2, name
+    _check_tma_loads(split, name)
     # every fence, wait and barrier of the protocol, in order
     events = _events(split)
     assert _is_subsequence(PROTOCOL, events), (name, " ".join(events))
@@ -200,6 +203,34 @@ def _check_ptx(path: str, arch: str) -> None:
     # partial O (16-bit, as the combine reads it) leaves as 16-byte stores of each thread's row
     # (8 columns each), not 4-byte
     assert len(re.findall(r"st\.global\.v4\.b32", split)) == dv_cta // 8, name
+
+
+def _check_tma_loads(split: str, name: str) -> None:
+    """Q and KV arrive by TMA on mbarriers, nothing by cp.async (a regression to it fails here)."""
+    from tokenspeed_kernels_blackwell import mla_decode_kernel_sm100 as k
+
+    assert not re.search(r"cp\.async\.(ca|cg)\.|cp\.async\.(commit|wait)_group", split), name
+    boxes = D // 64  # one 64-column box per 128B-swizzle atom column
+    tma = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d\.shared::cta\.global\.tile\.mbarrier::complete_tx::bytes", split)
+    # KV (2-D over the flattened cache): the first tile and the loop's next tile; Q (3-D over
+    # (row, column, request)) once
+    assert tma.count("2") == 2 * boxes and tma.count("3") == boxes and len(tma) == 3 * boxes, (name, tma)
+    assert len(re.findall(r"cp\.async\.bulk\.tensor", split)) == len(tma), name
+    # every box is issued by a lane elected from the full warp (elect.sync -1): the whole warp
+    # runs the copy (under a one-lane branch elect.sync would hang)
+    for m in re.finditer(r"cp\.async\.bulk\.tensor", split):
+        before = split[:m.start()].rsplit("elect.sync", 1)
+        assert len(before) == 2 and re.match(r"\s+%r\d+\|%p\d+, -1;", before[1]), name
+        assert before[1].count("\n") < 12, name  # the election guards this very copy
+    # the barriers armed with the bytes: Q (128 rows, padding included), a KV tile (32 rows)
+    expects = re.findall(r"mov\.b32\s+%r\d+, (\d+);\s+mbarrier\.arrive\.expect_tx", split)
+    q_bytes, kv_bytes = k.BLOCK_M * D * 2, k.BLOCK_N * D * 2
+    assert sorted(map(int, expects)) == sorted([q_bytes, kv_bytes, kv_bytes]), (name, expects)
+    # mbarriers: the MMA's, Q's and one per ring slot; waited for Q, the tile, S in the loop and
+    # the last PV after it
+    assert split.count("mbarrier.init.shared") == 2 + k.STAGES, name
+    assert split.count("mbarrier.try_wait.parity") == 4, name
+    assert split.count("prefetch.tensormap") == 2, name
 
 
 def test_tile_config_fits_one_sm():

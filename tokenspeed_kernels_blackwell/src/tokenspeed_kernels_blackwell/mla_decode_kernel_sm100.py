@@ -19,24 +19,52 @@ where the math runs (docs/cute.md, "sm_100a"):
   ``tcgen05.ld`` / scale / ``tcgen05.st`` of the row in 32-column chunks, skipped by a whole warp
   when no row of it changed its maximum, and skipped on a split's first tile, whose PV MMA
   overwrites O instead of accumulating (TMEM starts as garbage, and 0 x NaN = NaN).
-- **Loads**: Q (128 x 576) once, KV in a 2-slot ring of 32-row tiles, by cp.async from the page
-  table (a 32-row tile is contiguous inside a page: page size is a multiple of 64), rows at or past
-  the request's length zero-filled instead of loaded (a stale cache may hold NaN). V is the first
-  Dv columns of the same smem tile, read by the PV MMA as an MN-major B operand (the 128B-swizzled
-  K-major (32, 576) tile and the MN-major (512, 32) view map each element to the same byte).
+- **Loads**: TMA (``cp.async.bulk.tensor``), issued by the whole of warp 1 (the DSL's TMA copy
+  elects one lane with ``elect.sync`` over the full warp: issued under ``if tidx == 0`` it hangs).
+  Q (128 x 576) once, nine 128 x 64 boxes over the (folded row, column, request) view; rows past M
+  lie outside the tensor and TMA zero-fills them. KV in a 2-slot ring of 32-row tiles, nine 32 x 64
+  boxes a tile over the flattened cache, the box's row coordinate from the page table (a 32-row tile
+  is contiguous inside a page: page size is a multiple of 64); the boxes are v5's
+  (``chunk_box``), one column of 128B-swizzle atoms each, as the smem tile is laid out. The next
+  tile's page-table read is issued before the wait that frees its slot. Every row of a tile is
+  loaded, also those at or past the request's length (a stale cache may hold NaN): their S
+  columns are masked (a select, so NaN never leaves it) and their V rows, this CTA's Dv half, are
+  zeroed in smem before the MMAs (P is 0 there, but 0 x NaN = NaN). V is the first Dv columns of
+  the same smem tile, read by the PV MMA as an MN-major B operand (the 128B-swizzled K-major
+  (32, 576) tile and the MN-major (512, 32) view map each element to the same byte).
   Shared memory: Q 144 KB + ring 72 KB + P 8 KB = 224 KB, one CTA per SM.
-- **Ordering**: one mbarrier, armed by ``tcgen05.commit`` after each S MMA and waited by every
-  thread. A commit tracks all earlier MMAs of the issuing thread, so its completion also means the
-  previous tile's PV MMA is done: the ring slot it read may be refilled, P may be overwritten and
-  O may be rescaled. The barrier completes once per tile, so the phase to wait for is the tile's
-  parity. TMEM loads/stores are ordered against the MMA thread with ``tcgen05.wait`` +
-  ``tcgen05.fence::before_thread_sync`` / ``bar.sync`` / ``tcgen05.fence::after_thread_sync``;
-  generic-proxy smem writes (cp.async, zero fill, P) are published to the tensor cores with
-  ``fence.proxy.async.shared::cta`` before the barrier.
+- **Ordering** (who waits on what, with which phase):
 
-Not yet (speed, not correctness): TMA loads, warp specialisation (a load warp and an MMA warp
-running ahead of the softmax warps), a deeper ring, 2-CTA MMA (cta_group::2) so the Dv halves share
-one KV read, and M = 64 tiles for small H x q_len.
+  - ``q_full`` (count 1): armed by warp 1 lane 0 with Q's bytes (the whole boxes: TMA counts the
+    zero-filled rows too), completes once; every thread waits for phase 0 before the loop.
+  - ``kv_full[s]`` (count 1): armed by warp 1 lane 0 with a tile's bytes (32 x 576 x 2) just
+    before the tile's boxes are issued. Slot s holds tiles t_begin + s, t_begin + s + 2, ...,
+    so it completes once per use: tile t waits for phase ((t - t_begin) // 2) % 2. Every thread
+    waits: warp 0 before issuing the MMAs that read the tile, all of them before zeroing stale V
+    rows (after the TMA wrote them, or the TMA would overwrite the zeros).
+  - ``mma_bar`` (count 1): armed by ``tcgen05.commit`` after each S MMA and waited by every
+    thread, phase = the tile's parity (it completes once per tile; once more after the loop, for
+    the last PV). A commit tracks all earlier MMAs of the issuing thread, so its completion also
+    means the previous tile's PV MMA is done: its ring slot may be refilled (warp 1 issues the
+    next tile's TMA only after this wait: the MMA's reads complete before the commit arrives), P
+    may be overwritten and O may be rescaled.
+  - Proxies: TMA writes smem in the async proxy, which the tcgen05 MMAs read, so a tile or Q is
+    visible to them once its mbarrier phase completed: no proxy fence. Smem the threads write (the
+    zeroed V rows, P) is generic proxy: ``fence.proxy.async.shared::cta`` by every writer, then
+    ``bar.sync``, then warp 0 issues the MMA.
+  - TMEM loads/stores are ordered against the MMA thread with ``tcgen05.wait`` +
+    ``tcgen05.fence::before_thread_sync`` / ``bar.sync`` / ``tcgen05.fence::after_thread_sync``.
+  - The mbarriers are initialised by warp 0, then ``fence.mbarrier_init`` and ``bar.sync``
+    before warp 1 arms one. An empty split loads nothing, and every load is waited for in the
+    loop, so no TMA is in flight when the CTA exits.
+
+Compiled for every shape class and its PTX inspected (tests/blackwell/test_cute_sm100.py); never
+run on hardware.
+
+Not yet (speed, not correctness): warp specialisation (a load warp and an MMA warp running ahead
+of the softmax warps; warp 1 issues the loads between its S wait and its softmax), a deeper
+ring, 2-CTA MMA (cta_group::2) so the Dv halves share one KV read, and M = 64 tiles for small
+H x q_len.
 """
 
 from __future__ import annotations
@@ -49,6 +77,7 @@ from cutlass._mlir.dialects import nvvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, tcgen05
 
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
+from .mla_decode_kernel_v5_loads import CHUNK, chunk_box
 
 BLOCK_M = 128  # tcgen05 M (cta_group::1): folded (q_len x heads) rows per CTA = TMEM lanes
 BLOCK_N = 32  # cache rows per KV tile (S columns)
@@ -59,6 +88,10 @@ TMEM_COLS = 512  # allocation (power of two >= O + S columns)
 TMEM_O_COL = 0
 O_CHUNK = 32  # columns per tcgen05.ld / st of O (32 registers per thread)
 COMBINE_BATCH = 16  # splits per warp in flight in the combine stage, as the sm_90a kernels use
+# The warp that issues the TMA loads (all 32 lanes: the DSL's TMA copy elects a lane with
+# elect.sync over the full warp, so issuing it from one active lane hangs); not warp 0, which
+# initialises the mbarriers, allocates TMEM and issues the MMAs.
+LOAD_WARP = 1
 
 
 def ctas_per_split(m: int) -> int:
@@ -69,9 +102,9 @@ def ctas_per_split(m: int) -> int:
 class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
     """Static configuration of one compiled sm_100a kernel (one shape class).
 
-    Extends the sm_90a v2 class only for what is arch-neutral: the constructor's checks, the
-    cp.async KV tile loader (``load_kv_tile_v2``) and the combine stage (``launch_combine``,
-    :mod:`.mla_decode_combine`).
+    Extends the sm_90a v2 class only for what is arch-neutral: the constructor's checks (page size
+    a multiple of the 32-row tile), the split bounds and the combine stage (``launch_combine``,
+    :mod:`.mla_decode_combine`). The TMA boxes are v5's (:func:`.mla_decode_kernel_v5_loads.chunk_box`).
     """
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size):
@@ -112,18 +145,25 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         @cute.struct
         class SharedStorage:
             mma_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            kv_full: cute.struct.MemRange[cutlass.Int64, STAGES]  # "ring slot s landed" (TMA bytes)
+            q_full: cute.struct.MemRange[cutlass.Int64, 1]  # "Q landed" (TMA bytes)
             tmem_holder: cutlass.Int32
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sKV_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
-        copy_bits = 128
-        g2s_atom = cute.make_copy_atom(
-            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dtype, num_bits_per_copy=copy_bits
-        )
-        # 8 threads cover one 64-element row segment: 16 rows per pass of 128 threads
-        thr_layout = cute.make_layout((NUM_THREADS // 8, 8), stride=(8, 1))
-        g2s_copy = cute.make_tiled_copy_tv(g2s_atom, thr_layout, cute.make_layout((1, copy_bits // dtype.width)))
+        # KV by TMA: one box = 32 rows x 64 columns of the flattened cache (4 KB, one column of
+        # 128B-swizzle atoms, as the smem tile is laid out), nine a tile; the rows of a tile are
+        # contiguous inside one page, so the box's row coordinate comes from the page table
+        kv_box = cute.tile_to_shape(k_atom, (BLOCK_N, CHUNK), (0, 1))
+        tma_atom_kv, tma_kv = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mKV, kv_box,
+                                                          (BLOCK_N, CHUNK))
+        # Q by TMA over the (folded row, column, request) view: 128 x 64 boxes; rows past M are
+        # outside the tensor, so TMA fills the padding of the last row block with zeros
+        mQ_mdb = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 2, 0]))
+        q_box = cute.tile_to_shape(k_atom, (BLOCK_M, CHUNK), (0, 1))
+        tma_atom_q, tma_q = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mQ_mdb, q_box,
+                                                        (BLOCK_M, CHUNK))
 
         mma_qk = sm100_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, tcgen05.CtaGroup.ONE,
@@ -138,8 +178,8 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         num_splits = mOPart.shape[1]
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_sm100(
-            mQ, mKV, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
-            sQ_layout, sKV_layout, sVt_layout, sP_layout, g2s_copy, mma_qk, mma_pv, SharedStorage,
+            tma_atom_q, tma_q, tma_atom_kv, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, scale_log2,
+            sQ_layout, sKV_layout, sVt_layout, sP_layout, mma_qk, mma_pv, SharedStorage,
         ).launch(
             grid=[m_blocks * DV_PARTS, num_splits, batch],
             block=[NUM_THREADS, 1, 1],
@@ -151,8 +191,10 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
     @cute.kernel
     def attention_kernel_sm100(
         self,
-        mQ: cute.Tensor,
-        mKV: cute.Tensor,
+        tma_atom_q: cute.CopyAtom,
+        tma_q: cute.Tensor,
+        tma_atom_kv: cute.CopyAtom,
+        tma_kv: cute.Tensor,
         mPageTable: cute.Tensor,
         mSeqlens: cute.Tensor,
         mOPart: cute.Tensor,
@@ -162,7 +204,6 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         sKV_layout: cute.ComposedLayout,
         sVt_layout: cute.ComposedLayout,
         sP_layout: cute.ComposedLayout,
-        g2s_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
         mma_pv: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
@@ -184,11 +225,27 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         mma_bar = storage.mma_bar.data_ptr()
+        kv_full = storage.kv_full.data_ptr()
+        q_full = storage.q_full.data_ptr()
 
         if warp_idx == 0:
             with cute.arch.elect_one():
                 cute.arch.mbarrier_init(mma_bar, 1)
+                for s in cutlass.range_constexpr(STAGES):
+                    cute.arch.mbarrier_init(kv_full + s, 1)
+                cute.arch.mbarrier_init(q_full, 1)
         cute.arch.mbarrier_init_fence()
+        # the mbarriers are initialised before the load warp arms them or anyone waits on them
+        cute.arch.sync_threads()
+
+        # ---- Q once, then the first KV tile, by TMA (an empty split loads nothing, so no copy
+        # is ever in flight when the CTA exits) ----
+        if t_begin < t_end:
+            if warp_idx == LOAD_WARP:
+                cpasync.prefetch_descriptor(tma_atom_q)
+                cpasync.prefetch_descriptor(tma_atom_kv)
+                self.load_q_tma(tma_atom_q, tma_q, sQ, m_block, b, q_full)
+                self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, 0, self.kv_row_tile(mPageTable, b, t_begin), kv_full)
 
         # TMEM: warp 0 allocates, everyone reads the base address after a named barrier
         tmem = cutlass.utils.TmemAllocator(
@@ -196,14 +253,6 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
             barrier_for_retrieve=pipeline.NamedBarrier(barrier_id=1, num_threads=NUM_THREADS),
         )
         tmem.allocate(TMEM_COLS)
-
-        # ---- Q once, then the first KV tile (one cp.async commit group each) ----
-        self.load_q(mQ, sQ, b, m_block, row0, g2s_copy, tidx, BLOCK_M)
-        thr_g2s = g2s_copy.get_slice(tidx)
-        tKVc = thr_g2s.partition_S(cute.make_identity_tensor((BLOCK_N, self.D)))
-        if t_begin < t_end:
-            self.load_kv_tile_v2(mKV, mPageTable, b, n, t_begin, 0, sKV, thr_g2s, g2s_copy, tKVc)
-        cute.arch.cp_async_commit_group()
 
         tmem.wait_for_alloc()
         tmem_ptr = tmem.retrieve_ptr(cutlass.Float32)
@@ -257,11 +306,15 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         stats[0] = -cutlass.Float32.inf
         stats[1] = 0.0
 
+        if t_begin < t_end:
+            cute.arch.mbarrier_wait(q_full, 0)  # Q landed (completes once)
         for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
             stage = (tile - t_begin) % STAGES
-            # tile `tile` (and, first time round, Q) has landed; publish it to the tensor cores
-            cute.arch.cp_async_wait_group(0)
-            cute.arch.fence_view_async_shared()
+            # tile `tile` landed: slot `stage` completes once per use, its k-th use (tile
+            # t_begin + stage + 2k) is phase k. TMA wrote it in the async proxy: no proxy fence
+            cute.arch.mbarrier_wait(kv_full + stage, ((tile - t_begin) // STAGES) % 2)
+            # V rows at or past n (the request's last tile) hold whatever the cache holds
+            self.zero_stale_v(sKV, stage, n, tile, dv_part, tidx)
             nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
             cute.arch.barrier()
 
@@ -274,14 +327,17 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
                     cute.gemm(mma_qk, tStS, tSrQ[None, None, k], tSrK[None, None, k], tStS)
                 with cute.arch.elect_one():
                     tcgen05.commit(mma_bar)
+            # the next tile's cache row: its page-table read goes out before the wait
+            next_row_tile = cutlass.Int32(0)
+            if warp_idx == LOAD_WARP and tile + 1 < t_end:
+                next_row_tile = self.kv_row_tile(mPageTable, b, tile + 1)
             # completes once per tile: the phase is the tile's parity
             cute.arch.mbarrier_wait(mma_bar, stage)
             nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
 
             # S(tile) done, hence PV(tile - 1) too: the other ring slot is free
-            if tile + 1 < t_end:
-                self.load_kv_tile_v2(mKV, mPageTable, b, n, tile + 1, 1 - stage, sKV, thr_g2s, g2s_copy, tKVc)
-            cute.arch.cp_async_commit_group()
+            if warp_idx == LOAD_WARP and tile + 1 < t_end:
+                self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, 1 - stage, next_row_tile, kv_full)
 
             # ---- this thread's row of S: mask, scale, online softmax (log2 domain) ----
             cute.copy(ld_s, tTtS, rS)
@@ -337,9 +393,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
                         mma_pv.set(tcgen05.Field.ACCUMULATE, True)
                     cute.gemm(mma_pv, tOtO, tOrP[None, None, k], tOrV[None, None, k], tOtO)
 
-        cute.arch.cp_async_wait_group(0)
-
-        # ---- wait for the last PV MMA ----
+        # ---- wait for the last PV MMA (every TMA load was waited for in the loop) ----
         if t_begin < t_end:
             if warp_idx == 0:
                 with cute.arch.elect_one():
@@ -372,6 +426,58 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
         cute.arch.barrier()
         tmem.free(tmem_ptr, TMEM_COLS)
+
+    # -- loads ----------------------------------------------------------------------------------
+    @cute.jit
+    def kv_row_tile(self, mPageTable, b, tile):
+        """Index of KV tile ``tile`` of request ``b`` in 32-row units of the flattened cache (a
+        32-row tile lies inside one page: the page size is a multiple of 64)."""
+        pos0 = tile * BLOCK_N
+        page = mPageTable[b, pos0 // self.page_size]
+        return page * (self.page_size // BLOCK_N) + (pos0 % self.page_size) // BLOCK_N
+
+    @cute.jit
+    def load_kv_tile_tma(self, tma_atom, tma_kv, sKV, stage, row_tile, kv_full):
+        """The load warp (all 32 lanes): arm ring slot ``stage``'s mbarrier with a tile's bytes,
+        then TMA the 32 x 576 tile at ``row_tile`` into it, nine 32 x 64 boxes. Every row is
+        loaded, also those at or past the request's length (see ``zero_stale_v``)."""
+        if cute.arch.lane_idx() == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(kv_full + stage, BLOCK_N * self.D * self.dtype.width // 8)
+        cute.arch.sync_warp()
+        gKV = cute.local_tile(tma_kv, (BLOCK_N, CHUNK), (row_tile, None))
+        for c in cutlass.range_constexpr(self.D // CHUNK):
+            tAs, tAg = chunk_box(tma_atom, sKV[None, None, stage], gKV, c)
+            cute.copy(tma_atom, tAg, tAs, tma_bar_ptr=kv_full + stage)
+
+    @cute.jit
+    def load_q_tma(self, tma_atom_q, tma_q, sQ, m_block, b, q_full):
+        """The load warp (all 32 lanes): this CTA's 128 folded query rows, nine 128 x 64 boxes on
+        ``q_full`` (armed with the whole box bytes: TMA counts the zero-filled rows past M too)."""
+        if cute.arch.lane_idx() == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(q_full, BLOCK_M * self.D * self.dtype.width // 8)
+        cute.arch.sync_warp()
+        gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
+        for c in cutlass.range_constexpr(self.D // CHUNK):
+            tQs, tQg = chunk_box(tma_atom_q, sQ, gQ, c)
+            cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=q_full)
+
+    @cute.jit
+    def zero_stale_v(self, sKV, stage, n, tile, dv_part, tidx):
+        """In a request's last tile, zero this CTA's V columns of the rows at or past ``n`` (TMA
+        loaded them as the cache holds them, maybe NaN: their P is 0, but 0 x NaN = NaN), 16
+        bytes a store, then publish the writes to the tensor cores (generic -> async proxy; the
+        caller's barrier orders them before the MMAs). Their S columns are masked anyway."""
+        valid = n - tile * BLOCK_N
+        if valid < BLOCK_N:
+            vec = 128 // self.dtype.width  # elements per 16 bytes
+            per_row = self.dv_cta // vec
+            zeros = cute.make_rmem_tensor((vec,), self.dtype)
+            zeros.fill(0.0)
+            for i in cutlass.range(tidx, (BLOCK_N - valid) * per_row, NUM_THREADS, unroll=1):
+                dst = cute.local_tile(sKV[valid + i // per_row, None, stage], (vec,),
+                                      (dv_part * per_row + i % per_row,))
+                cute.autovec_copy(zeros, dst)
+            cute.arch.fence_view_async_shared()
 
 
 def _check_columns_in_order(coords, width: int) -> None:
