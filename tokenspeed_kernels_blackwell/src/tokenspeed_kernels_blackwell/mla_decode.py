@@ -113,7 +113,7 @@ if DEFAULT_VARIANT not in VARIANTS:  # the plugin loader reports this and skips 
 # and H200: memory-bound 1.22-1.43x, b = 1 1.07-1.88x, compute-bound 1.5-2.8x; run 11).
 WINS_FROM_ROWS = {"v3": 1, "v4": 1, "v5": 1}
 supports = supports_for(DEFAULT_VARIANT)  # what the registered `cute` implementation accepts
-# sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, 32-row KV tiles
+# sm_100a / sm_103a: tcgen05 MMA with TMEM accumulators, Q and 32-row KV tiles by TMA
 # (mla_decode_kernel_sm100.py). Compiled for every shape class on CPU, never run on hardware:
 # selectable on a Blackwell GPU only with TOKENSPEED_CUTE_SM100=1 until it has passed the
 # conformance kit there. Not in VARIANTS, which the sm_90a benchmarks iterate over.
