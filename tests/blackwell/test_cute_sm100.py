@@ -110,25 +110,28 @@ def _idescs(ptx: str) -> list[dict]:
 # so text order is program order): events of interest, consecutive repeats collapsed.
 _EVENTS = [("init", r"mbarrier\.init"), ("expect_tx", r"mbarrier\.arrive\.expect_tx"),
            ("tma", r"cp\.async\.bulk\.tensor"), ("proxy", r"fence\.proxy\.async\.shared::cta"), ("before", r"tcgen05\.fence::before_thread_sync"),
-           ("bar", r"\bbar\.sync\s+0;"), ("after", r"tcgen05\.fence::after_thread_sync"),
+           ("bar", r"\bbar\.sync\s+\d+(,\s*\d+)?;"), ("after", r"tcgen05\.fence::after_thread_sync"),
            ("mma", r"tcgen05\.mma\."), ("commit", r"tcgen05\.commit\."), ("try_wait", r"mbarrier\.try_wait"),
            ("ld", r"tcgen05\.ld\."), ("wait_ld", r"tcgen05\.wait::ld"), ("st", r"tcgen05\.st\."),
            ("wait_st", r"tcgen05\.wait::st"), ("sts", r"st\.shared\.v4"), ("alloc", r"tcgen05\.alloc"),
            ("dealloc", r"tcgen05\.dealloc"), ("stg", r"st\.global\.v4"), ("vote", r"vote\.sync\.ballot")]
 PROTOCOL = [
-    "init", "bar",  # mbarriers initialised before anyone arms or waits on them
-    "expect_tx", "tma",  # Q and the first KV tile: barrier armed with the bytes, then the boxes
-    "alloc",
+    "init", "bar",  # mbarriers initialised before anyone arms or waits on them (all 5 warps)
+    # the producer warp: Q (barrier armed with the bytes, then the boxes); per KV tile, the wait
+    # for its slot's last PV, then the same
+    "expect_tx", "tma", "try_wait", "expect_tx", "tma",
+    # the softmax warps
+    "alloc", "bar",
     # loop top: Q / tile landed (mbarrier, no proxy fence for TMA writes); stale V rows zeroed
     # and published to the async proxy; TMEM reads of the last tile ordered
     "try_wait", "sts", "proxy", "before", "bar", "after",
     "mma", "commit",  # S = Q K^T, committed to the mbarrier
     "try_wait", "after",  # S (and the previous PV) done
-    "expect_tx", "tma",  # next tile into the freed slot
     "ld", "wait_ld", "sts",  # S row -> softmax -> P to smem
     "vote", "ld", "wait_ld", "st", "wait_st",  # O correction
     "proxy", "before", "bar", "after", "mma",  # P published, TMEM stores ordered, then PV
-    "commit", "try_wait", "after",  # after the loop: the last PV done
+    "commit",  # PV committed to the slot's "empty" barrier (the producer's); after the loop to the
+    "try_wait", "after",  # MMA barrier: the last PV done
     "ld", "wait_ld", "stg",  # epilogue
     "before", "bar", "dealloc",
 ]
@@ -158,7 +161,7 @@ def _check_ptx(path: str, arch: str) -> None:
     # the split stage, the combine's four builds (row-per-warp for <= 2 / 4 / 8 splits, batched)
     assert len(entries) == 5, (name, len(entries))
     (split,) = [e for e in entries if "attention_kernel" in e[:160]]
-    assert ".reqntid 128, 1, 1" in split, name
+    assert f".reqntid {k.NUM_THREADS}, 1, 1" in split and k.NUM_THREADS == 160, name
     # this kernel always leaves out and lse to the combine (its stores are all 16-byte)
     assert not k.MlaDecodeSplitKVTcgen05.one_split_direct and "st.global.b16" not in split, name
     # no other generation's tensor-core path
@@ -187,8 +190,9 @@ def _check_ptx(path: str, arch: str) -> None:
     # every load is waited for before its registers are used; the stores once, before the PV MMA
     assert split.count("tcgen05.wait::ld") == len(lds), name
     assert split.count("tcgen05.wait::st") == 1, name
-    # MMA completion: commit to an mbarrier (in the loop, after it), waited by parity
-    assert split.count("tcgen05.commit.cta_group::1.mbarrier::arrive::one") == 2, name
+    # MMA completion: commit to an mbarrier (in the loop after S and after PV, after the loop),
+    # waited by parity
+    assert split.count("tcgen05.commit.cta_group::1.mbarrier::arrive::one") == 3, name
     assert "mbarrier.try_wait.parity" in split, name
     # ordering of TMEM traffic across threads, and of generic-proxy smem writes (zeroed stale V
     # rows, P) before the tensor cores read them
@@ -212,9 +216,9 @@ def _check_tma_loads(split: str, name: str) -> None:
     assert not re.search(r"cp\.async\.(ca|cg)\.|cp\.async\.(commit|wait)_group", split), name
     boxes = D // 64  # one 64-column box per 128B-swizzle atom column
     tma = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d\.shared::cta\.global\.tile\.mbarrier::complete_tx::bytes", split)
-    # KV (2-D over the flattened cache): the first tile and the loop's next tile; Q (3-D over
-    # (row, column, request)) once
-    assert tma.count("2") == 2 * boxes and tma.count("3") == boxes and len(tma) == 3 * boxes, (name, tma)
+    # KV (2-D over the flattened cache) in the producer's loop; Q (3-D over (row, column,
+    # request)) once
+    assert tma.count("2") == boxes and tma.count("3") == boxes and len(tma) == 2 * boxes, (name, tma)
     assert len(re.findall(r"cp\.async\.bulk\.tensor", split)) == len(tma), name
     # every box is issued by a lane elected from the full warp (elect.sync -1): the whole warp
     # runs the copy (under a one-lane branch elect.sync would hang)
@@ -225,11 +229,17 @@ def _check_tma_loads(split: str, name: str) -> None:
     # the barriers armed with the bytes: Q (128 rows, padding included), a KV tile (32 rows)
     expects = re.findall(r"mov\.b32\s+%r\d+, (\d+);\s+mbarrier\.arrive\.expect_tx", split)
     q_bytes, kv_bytes = k.BLOCK_M * D * 2, k.BLOCK_N * D * 2
-    assert sorted(map(int, expects)) == sorted([q_bytes, kv_bytes, kv_bytes]), (name, expects)
-    # mbarriers: the MMA's, Q's and one per ring slot; waited for Q, the tile, S in the loop and
-    # the last PV after it
-    assert split.count("mbarrier.init.shared") == 2 + k.STAGES, name
-    assert split.count("mbarrier.try_wait.parity") == 4, name
+    assert sorted(map(int, expects)) == sorted([q_bytes, kv_bytes]), (name, expects)
+    # mbarriers: the MMA's, Q's and a "full" and an "empty" one per ring slot; waited for Q, the
+    # tile and S in the loop, the last PV after it, and a free slot by the producer
+    assert split.count("mbarrier.init.shared") == 2 + 2 * k.STAGES, name
+    assert split.count("mbarrier.try_wait.parity") == 5, name
+    # warp specialisation: the producer warp issues every load, the softmax warps none (their
+    # code, from the TMEM allocation on, has no TMA) and meet on their own named barrier; the
+    # whole CTA meets once, after the mbarrier init
+    assert "cp.async.bulk.tensor" not in split[split.index("tcgen05.alloc"):], name
+    assert len(re.findall(r"bar\.sync\s+0;", split)) == 1, name
+    assert len(re.findall(rf"bar\.sync\s+{k.BAR_MATH}, {k.MATH_THREADS};", split)) == 3, name
     assert split.count("prefetch.tensormap") == 2, name
 
 
@@ -241,7 +251,8 @@ def test_tile_config_fits_one_sm():
     # TMEM: O (this CTA's Dv columns, fp32) + S (BLOCK_N fp32 columns) in one power-of-two
     # allocation of at most the 512 columns of an SM; M = 128 rows = the 128 lanes
     assert dv_cta + k.BLOCK_N <= k.TMEM_COLS <= 512 and k.TMEM_COLS & (k.TMEM_COLS - 1) == 0
-    assert k.BLOCK_M == 128 and k.NUM_THREADS == k.BLOCK_M  # one thread (TMEM lane) per row
+    assert k.BLOCK_M == 128 and k.MATH_THREADS == k.BLOCK_M  # one softmax thread (TMEM lane) per row
+    assert k.NUM_THREADS == k.MATH_THREADS + 32 and k.LOAD_WARP == k.MATH_THREADS // 32  # + the producer warp
     assert dv_cta <= 256 and dv_cta % k.O_CHUNK == 0  # one tcgen05 MMA of N <= 256 for PV
     # shared memory: Q + KV ring + P (16-bit) + barrier / TMEM address (padded to 1 KB) within
     # the 227 KB a block may opt in to on sm_100

@@ -13,20 +13,23 @@ where the math runs (docs/cute.md, "sm_100a"):
   would need 544 columns, so a CTA owns half of Dv: O = columns [0, 256), S = [256, 288). The two
   Dv halves of a (row block, split) are two CTAs that read the same KV tiles (the second read hits
   L2) and both compute S, which costs tensor-core time, not HBM bytes.
-- **Softmax** (all 128 threads = 4 warps; thread t owns folded row t, which is TMEM lane t):
+- **Warps**: 160 threads. Warps 0-3 (128 threads) are the softmax warps, warp 0 also
+  initialises the mbarriers, allocates TMEM and issues the MMAs (one elected thread); warp 4 is
+  the producer, which only issues the TMA loads, so they do not sit on the softmax threads.
+- **Softmax** (the 128 threads of warps 0-3; thread t owns folded row t, which is TMEM lane t):
   ``tcgen05.ld`` of its 32 S columns, mask, row max / sum with no shuffles, P (16-bit) written to
   shared memory in the K-major layout the PV MMA reads; the running-max correction of O is a
   ``tcgen05.ld`` / scale / ``tcgen05.st`` of the row in 32-column chunks, skipped by a whole warp
   when no row of it changed its maximum, and skipped on a split's first tile, whose PV MMA
   overwrites O instead of accumulating (TMEM starts as garbage, and 0 x NaN = NaN).
-- **Loads**: TMA (``cp.async.bulk.tensor``), issued by the whole of warp 1 (the DSL's TMA copy
+- **Loads**: TMA (``cp.async.bulk.tensor``), issued by the whole producer warp (the DSL's TMA copy
   elects one lane with ``elect.sync`` over the full warp: issued under ``if tidx == 0`` it hangs).
   Q (128 x 576) once, nine 128 x 64 boxes over the (folded row, column, request) view; rows past M
   lie outside the tensor and TMA zero-fills them. KV in a 2-slot ring of 32-row tiles, nine 32 x 64
   boxes a tile over the flattened cache, the box's row coordinate from the page table (a 32-row tile
   is contiguous inside a page: page size is a multiple of 64); the boxes are v5's
-  (``chunk_box``), one column of 128B-swizzle atoms each, as the smem tile is laid out. The next
-  tile's page-table read is issued before the wait that frees its slot. Every row of a tile is
+  (``chunk_box``), one column of 128B-swizzle atoms each, as the smem tile is laid out. A tile's
+  page-table read is issued before the wait for its slot. Every row of a tile is
   loaded, also those at or past the request's length (a stale cache may hold NaN): their S
   columns are masked (a select, so NaN never leaves it) and their V rows, this CTA's Dv half, are
   zeroed in smem before the MMAs (P is 0 there, but 0 x NaN = NaN). V is the first Dv columns of
@@ -35,35 +38,41 @@ where the math runs (docs/cute.md, "sm_100a"):
   Shared memory: Q 144 KB + ring 72 KB + P 8 KB = 224 KB, one CTA per SM.
 - **Ordering** (who waits on what, with which phase):
 
-  - ``q_full`` (count 1): armed by warp 1 lane 0 with Q's bytes (the whole boxes: TMA counts the
+  - ``q_full`` (count 1): armed by producer lane 0 with Q's bytes (the whole boxes: TMA counts the
     zero-filled rows too), completes once; every thread waits for phase 0 before the loop.
-  - ``kv_full[s]`` (count 1): armed by warp 1 lane 0 with a tile's bytes (32 x 576 x 2) just
+  - ``kv_full[s]`` (count 1): armed by producer lane 0 with a tile's bytes (32 x 576 x 2) just
     before the tile's boxes are issued. Slot s holds tiles t_begin + s, t_begin + s + 2, ...,
-    so it completes once per use: tile t waits for phase ((t - t_begin) // 2) % 2. Every thread
-    waits: warp 0 before issuing the MMAs that read the tile, all of them before zeroing stale V
-    rows (after the TMA wrote them, or the TMA would overwrite the zeros).
+    so it completes once per use: tile t waits for phase ((t - t_begin) // 2) % 2. Every softmax
+    thread waits: warp 0 before issuing the MMAs that read the tile, all of them before zeroing
+    stale V rows (after the TMA wrote them, or the TMA would overwrite the zeros).
+  - ``kv_empty[s]`` (count 1): armed by ``tcgen05.commit`` after each PV MMA (the last reader of
+    the tile's slot: S read it before), so it completes once per use of slot s, when every MMA
+    issued so far is done (a commit tracks all earlier MMAs of the issuing thread; their smem
+    reads are then complete). The producer loads tile t >= t_begin + 2 only after waiting for
+    the completion of the slot's previous use, phase ((t - t_begin) // 2 - 1) % 2; tiles t_begin
+    and t_begin + 1 go into empty slots. No barrier runs two phases ahead of its waiter: each
+    completion needs the waiter's side to have consumed the previous one.
   - ``mma_bar`` (count 1): armed by ``tcgen05.commit`` after each S MMA and waited by every
-    thread, phase = the tile's parity (it completes once per tile; once more after the loop, for
-    the last PV). A commit tracks all earlier MMAs of the issuing thread, so its completion also
-    means the previous tile's PV MMA is done: its ring slot may be refilled (warp 1 issues the
-    next tile's TMA only after this wait: the MMA's reads complete before the commit arrives), P
-    may be overwritten and O may be rescaled.
+    softmax thread, phase = the tile's parity (it completes once per tile; once more after the
+    loop, for the last PV). Its completion also means the previous tile's PV MMA is done: P may be
+    overwritten and O may be rescaled.
   - Proxies: TMA writes smem in the async proxy, which the tcgen05 MMAs read, so a tile or Q is
     visible to them once its mbarrier phase completed: no proxy fence. Smem the threads write (the
     zeroed V rows, P) is generic proxy: ``fence.proxy.async.shared::cta`` by every writer, then
-    ``bar.sync``, then warp 0 issues the MMA.
+    the softmax warps' named barrier, then warp 0 issues the MMA.
   - TMEM loads/stores are ordered against the MMA thread with ``tcgen05.wait`` +
-    ``tcgen05.fence::before_thread_sync`` / ``bar.sync`` / ``tcgen05.fence::after_thread_sync``.
-  - The mbarriers are initialised by warp 0, then ``fence.mbarrier_init`` and ``bar.sync``
-    before warp 1 arms one. An empty split loads nothing, and every load is waited for in the
-    loop, so no TMA is in flight when the CTA exits.
+    ``tcgen05.fence::before_thread_sync`` / named barrier / ``tcgen05.fence::after_thread_sync``
+    (the softmax warps' own barrier, ``BAR_MATH``: the producer takes no part after the start).
+  - The mbarriers are initialised by warp 0, then ``fence.mbarrier_init`` and a ``bar.sync`` of
+    all 160 threads before the producer arms one. An empty split loads nothing, and every load is
+    waited for by the softmax warps, so no TMA is in flight when the CTA exits (the producer warp
+    may exit first).
 
 Compiled for every shape class and its PTX inspected (tests/blackwell/test_cute_sm100.py); never
 run on hardware.
 
-Not yet (speed, not correctness): warp specialisation (a load warp and an MMA warp running ahead
-of the softmax warps; warp 1 issues the loads between its S wait and its softmax), a deeper
-ring, 2-CTA MMA (cta_group::2) so the Dv halves share one KV read, and M = 64 tiles for small
+Not yet (speed, not correctness): an MMA warp running ahead of the softmax warps (two S buffers
+in TMEM), a deeper ring, 2-CTA MMA (cta_group::2) so the Dv halves share one KV read, and M = 64 tiles for small
 H x q_len.
 """
 
@@ -82,16 +91,18 @@ from .mla_decode_kernel_v5_loads import CHUNK, chunk_box
 BLOCK_M = 128  # tcgen05 M (cta_group::1): folded (q_len x heads) rows per CTA = TMEM lanes
 BLOCK_N = 32  # cache rows per KV tile (S columns)
 STAGES = 2  # KV ring slots
-NUM_THREADS = 128  # four warps: warp w reads TMEM lanes 32w..32w+31 (its rows)
+MATH_THREADS = 128  # four softmax warps: warp w reads TMEM lanes 32w..32w+31 (its rows)
+NUM_THREADS = MATH_THREADS + 32  # and the load warp
 DV_PARTS = 2  # CTAs per (row block, split): each owns Dv / 2 columns of O
 TMEM_COLS = 512  # allocation (power of two >= O + S columns)
 TMEM_O_COL = 0
 O_CHUNK = 32  # columns per tcgen05.ld / st of O (32 registers per thread)
 COMBINE_BATCH = 16  # splits per warp in flight in the combine stage, as the sm_90a kernels use
-# The warp that issues the TMA loads (all 32 lanes: the DSL's TMA copy elects a lane with
-# elect.sync over the full warp, so issuing it from one active lane hangs); not warp 0, which
+# The producer warp, which only issues the TMA loads (all 32 lanes: the DSL's TMA copy elects a
+# lane with elect.sync over the full warp, so issuing it from one active lane hangs). Warp 0
 # initialises the mbarriers, allocates TMEM and issues the MMAs.
-LOAD_WARP = 1
+LOAD_WARP = MATH_THREADS // 32
+BAR_MATH = 2  # named barrier of the softmax warps (0: all threads; 1: the TMEM allocator's)
 
 
 def ctas_per_split(m: int) -> int:
@@ -146,6 +157,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         class SharedStorage:
             mma_bar: cute.struct.MemRange[cutlass.Int64, 1]
             kv_full: cute.struct.MemRange[cutlass.Int64, STAGES]  # "ring slot s landed" (TMA bytes)
+            kv_empty: cute.struct.MemRange[cutlass.Int64, STAGES]  # "ring slot s read" (tcgen05.commit)
             q_full: cute.struct.MemRange[cutlass.Int64, 1]  # "Q landed" (TMA bytes)
             tmem_holder: cutlass.Int32
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
@@ -227,207 +239,218 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         mma_bar = storage.mma_bar.data_ptr()
         kv_full = storage.kv_full.data_ptr()
         q_full = storage.q_full.data_ptr()
+        kv_empty = storage.kv_empty.data_ptr()
 
         if warp_idx == 0:
             with cute.arch.elect_one():
                 cute.arch.mbarrier_init(mma_bar, 1)
                 for s in cutlass.range_constexpr(STAGES):
                     cute.arch.mbarrier_init(kv_full + s, 1)
+                    cute.arch.mbarrier_init(kv_empty + s, 1)
                 cute.arch.mbarrier_init(q_full, 1)
         cute.arch.mbarrier_init_fence()
         # the mbarriers are initialised before the load warp arms them or anyone waits on them
         cute.arch.sync_threads()
 
-        # ---- Q once, then the first KV tile, by TMA (an empty split loads nothing, so no copy
-        # is ever in flight when the CTA exits) ----
-        if t_begin < t_end:
-            if warp_idx == LOAD_WARP:
-                cpasync.prefetch_descriptor(tma_atom_q)
-                cpasync.prefetch_descriptor(tma_atom_kv)
-                self.load_q_tma(tma_atom_q, tma_q, sQ, m_block, b, q_full)
-                self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, 0, self.kv_row_tile(mPageTable, b, t_begin), kv_full)
+        if warp_idx == LOAD_WARP:
+            # an empty split loads nothing, so no copy is ever in flight when the CTA exits
+            if t_begin < t_end:
+                self.produce(tma_atom_q, tma_q, tma_atom_kv, tma_kv, mPageTable, b, m_block, t_begin, t_end, sQ, sKV,
+                             q_full, kv_full, kv_empty)
+        else:
+            # TMEM: warp 0 allocates, everyone reads the base address after a named barrier
+            tmem = cutlass.utils.TmemAllocator(
+                storage.tmem_holder.ptr,
+                barrier_for_retrieve=pipeline.NamedBarrier(barrier_id=1, num_threads=MATH_THREADS),
+            )
+            tmem.allocate(TMEM_COLS)
 
-        # TMEM: warp 0 allocates, everyone reads the base address after a named barrier
-        tmem = cutlass.utils.TmemAllocator(
-            storage.tmem_holder.ptr,
-            barrier_for_retrieve=pipeline.NamedBarrier(barrier_id=1, num_threads=NUM_THREADS),
-        )
-        tmem.allocate(TMEM_COLS)
+            tmem.wait_for_alloc()
+            tmem_ptr = tmem.retrieve_ptr(cutlass.Float32)
+            # this CTA allocates nothing more: let a CTA waiting to allocate on this SM proceed
+            tmem.relinquish_alloc_permit()
 
-        tmem.wait_for_alloc()
-        tmem_ptr = tmem.retrieve_ptr(cutlass.Float32)
-        # this CTA allocates nothing more: let a CTA waiting to allocate on this SM proceed
-        tmem.relinquish_alloc_permit()
+            # ---- MMA operands (smem descriptors) and accumulators (TMEM) ----
+            thr_qk = mma_qk.get_slice(0)
+            thr_pv = mma_pv.get_slice(0)
+            tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
+            tOrP = mma_pv.make_fragment_A(thr_pv.partition_A(sP))
+            tStS = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)))
+            tStS = cute.make_tensor(tmem_ptr + self.tmem_s_col, tStS.layout)
+            tOtO = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.dv_cta)))
+            tOtO = cute.make_tensor(tmem_ptr + TMEM_O_COL, tOtO.layout)
 
-        # ---- MMA operands (smem descriptors) and accumulators (TMEM) ----
-        thr_qk = mma_qk.get_slice(0)
-        thr_pv = mma_pv.get_slice(0)
-        tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        tOrP = mma_pv.make_fragment_A(thr_pv.partition_A(sP))
-        tStS = thr_qk.make_fragment_C(thr_qk.partition_shape_C((BLOCK_M, BLOCK_N)))
-        tStS = cute.make_tensor(tmem_ptr + self.tmem_s_col, tStS.layout)
-        tOtO = thr_pv.make_fragment_C(thr_pv.partition_shape_C((BLOCK_M, self.dv_cta)))
-        tOtO = cute.make_tensor(tmem_ptr + TMEM_O_COL, tOtO.layout)
+            # ---- TMEM <-> register copies: thread t holds row t (32x32b: warp w = lanes 32w..) ----
+            ld_s = tcgen05.make_tmem_copy(
+                cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(BLOCK_N)), cutlass.Float32), tStS)
+            thr_ld_s = ld_s.get_slice(tidx)
+            tTtS = thr_ld_s.partition_S(tStS)
+            tTcS = thr_ld_s.partition_D(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N))))
+            rS = cute.make_rmem_tensor(tTcS.shape, cutlass.Float32)
 
-        # ---- TMEM <-> register copies: thread t holds row t (32x32b: warp w = lanes 32w..) ----
-        ld_s = tcgen05.make_tmem_copy(
-            cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(BLOCK_N)), cutlass.Float32), tStS)
-        thr_ld_s = ld_s.get_slice(tidx)
-        tTtS = thr_ld_s.partition_S(tStS)
-        tTcS = thr_ld_s.partition_D(thr_qk.partition_C(cute.make_identity_tensor((BLOCK_M, BLOCK_N))))
-        rS = cute.make_rmem_tensor(tTcS.shape, cutlass.Float32)
+            # O in O_CHUNK-column slices: the copy of slice c is the copy of slice 0 moved c * O_CHUNK
+            # columns along TMEM
+            tOtO_c = cute.make_tensor(tOtO.iterator, cute.composition(tOtO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
+            cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_cta)))
+            cO_c = cute.make_tensor(cO.iterator, cute.composition(cO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
+            ld_o = tcgen05.make_tmem_copy(
+                cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
+            st_o = tcgen05.make_tmem_copy(
+                cute.make_copy_atom(tcgen05.St32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
+            thr_ld_o = ld_o.get_slice(tidx)
+            thr_st_o = st_o.get_slice(tidx)
+            tTtO_ld = thr_ld_o.partition_S(tOtO_c)
+            tTtO_st = thr_st_o.partition_D(tOtO_c)
+            tTcO = thr_ld_o.partition_D(cO_c)
+            rO = cute.make_rmem_tensor(tTcO.shape, cutlass.Float32)
+            rO_part = cute.make_rmem_tensor((O_CHUNK,), mOPart.element_type)  # the partial's dtype
+            n_chunks = self.dv_cta // O_CHUNK
+            # P and O leave registers as contiguous row slices: that needs register i = column i
+            _check_columns_in_order(tTcS, BLOCK_N)
+            _check_columns_in_order(tTcO, O_CHUNK)
 
-        # O in O_CHUNK-column slices: the copy of slice c is the copy of slice 0 moved c * O_CHUNK
-        # columns along TMEM
-        tOtO_c = cute.make_tensor(tOtO.iterator, cute.composition(tOtO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
-        cO = thr_pv.partition_C(cute.make_identity_tensor((BLOCK_M, self.dv_cta)))
-        cO_c = cute.make_tensor(cO.iterator, cute.composition(cO.layout, cute.make_layout((BLOCK_M, O_CHUNK))))
-        ld_o = tcgen05.make_tmem_copy(
-            cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
-        st_o = tcgen05.make_tmem_copy(
-            cute.make_copy_atom(tcgen05.St32x32bOp(tcgen05.Repetition(O_CHUNK)), cutlass.Float32), tOtO_c)
-        thr_ld_o = ld_o.get_slice(tidx)
-        thr_st_o = st_o.get_slice(tidx)
-        tTtO_ld = thr_ld_o.partition_S(tOtO_c)
-        tTtO_st = thr_st_o.partition_D(tOtO_c)
-        tTcO = thr_ld_o.partition_D(cO_c)
-        rO = cute.make_rmem_tensor(tTcO.shape, cutlass.Float32)
-        rO_part = cute.make_rmem_tensor((O_CHUNK,), mOPart.element_type)  # the partial's dtype
-        n_chunks = self.dv_cta // O_CHUNK
-        # P and O leave registers as contiguous row slices: that needs register i = column i
-        _check_columns_in_order(tTcS, BLOCK_N)
-        _check_columns_in_order(tTcO, O_CHUNK)
+            # this thread's folded row and its last visible key position n - Q + qi
+            row = tTcS[0][0]
+            m_row = row0 + row
+            row_limit = n - self.Q + cutlass.min(m_row, self.M - 1) // self.H
+            stats = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max (log2 domain), sum
+            stats[0] = -cutlass.Float32.inf
+            stats[1] = 0.0
 
-        # this thread's folded row and its last visible key position n - Q + qi
-        row = tTcS[0][0]
-        m_row = row0 + row
-        row_limit = n - self.Q + cutlass.min(m_row, self.M - 1) // self.H
-        stats = cute.make_rmem_tensor((2,), cutlass.Float32)  # running max (log2 domain), sum
-        stats[0] = -cutlass.Float32.inf
-        stats[1] = 0.0
+            if t_begin < t_end:
+                cute.arch.mbarrier_wait(q_full, 0)  # Q landed (completes once)
+            for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
+                stage = (tile - t_begin) % STAGES
+                # tile `tile` landed: slot `stage` completes once per use, its k-th use (tile
+                # t_begin + stage + 2k) is phase k. TMA wrote it in the async proxy: no proxy fence
+                cute.arch.mbarrier_wait(kv_full + stage, ((tile - t_begin) // STAGES) % 2)
+                # V rows at or past n (the request's last tile) hold whatever the cache holds
+                self.zero_stale_v(sKV, stage, n, tile, dv_part, tidx)
+                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
+                cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)
 
-        if t_begin < t_end:
-            cute.arch.mbarrier_wait(q_full, 0)  # Q landed (completes once)
-        for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
-            stage = (tile - t_begin) % STAGES
-            # tile `tile` landed: slot `stage` completes once per use, its k-th use (tile
-            # t_begin + stage + 2k) is phase k. TMA wrote it in the async proxy: no proxy fence
-            cute.arch.mbarrier_wait(kv_full + stage, ((tile - t_begin) // STAGES) % 2)
-            # V rows at or past n (the request's last tile) hold whatever the cache holds
-            self.zero_stale_v(sKV, stage, n, tile, dv_part, tidx)
-            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
-            cute.arch.barrier()
-
-            # ---- S = Q K^T into TMEM (one thread issues), commit to the barrier ----
-            if warp_idx == 0:
+                # ---- S = Q K^T into TMEM (one thread issues), commit to the barrier ----
+                if warp_idx == 0:
+                    nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+                    tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(sKV[None, None, stage]))
+                    for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
+                        mma_qk.set(tcgen05.Field.ACCUMULATE, k != 0)
+                        cute.gemm(mma_qk, tStS, tSrQ[None, None, k], tSrK[None, None, k], tStS)
+                    with cute.arch.elect_one():
+                        tcgen05.commit(mma_bar)
+                # completes once per tile: the phase is the tile's parity
+                cute.arch.mbarrier_wait(mma_bar, stage)
                 nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
-                tSrK = mma_qk.make_fragment_B(thr_qk.partition_B(sKV[None, None, stage]))
-                for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-                    mma_qk.set(tcgen05.Field.ACCUMULATE, k != 0)
-                    cute.gemm(mma_qk, tStS, tSrQ[None, None, k], tSrK[None, None, k], tStS)
-                with cute.arch.elect_one():
-                    tcgen05.commit(mma_bar)
-            # the next tile's cache row: its page-table read goes out before the wait
-            next_row_tile = cutlass.Int32(0)
-            if warp_idx == LOAD_WARP and tile + 1 < t_end:
-                next_row_tile = self.kv_row_tile(mPageTable, b, tile + 1)
-            # completes once per tile: the phase is the tile's parity
-            cute.arch.mbarrier_wait(mma_bar, stage)
-            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
 
-            # S(tile) done, hence PV(tile - 1) too: the other ring slot is free
-            if warp_idx == LOAD_WARP and tile + 1 < t_end:
-                self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, 1 - stage, next_row_tile, kv_full)
+                # ---- this thread's row of S: mask, scale, online softmax (log2 domain) ----
+                cute.copy(ld_s, tTtS, rS)
+                cute.arch.fence_view_async_tmem_load()
+                pos0 = tile * BLOCK_N
+                for c in cutlass.range_constexpr(cute.size(rS)):
+                    if pos0 + tTcS[c][1] > row_limit:
+                        rS[c] = -cutlass.Float32.inf
+                    else:
+                        rS[c] = rS[c] * scale_log2
+                s_row = rS.load()
+                row_max = stats[0]
+                m_new = cute.arch.fmax(row_max, s_row.reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0))
+                m_safe = 0.0 if m_new == -cutlass.Float32.inf else m_new
+                p_row = cute.math.exp2(s_row - m_safe, fastmath=True)
+                alpha = cute.math.exp2(row_max - m_safe, fastmath=True)
+                stats[1] = stats[1] * alpha + p_row.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
+                stats[0] = m_new
 
-            # ---- this thread's row of S: mask, scale, online softmax (log2 domain) ----
-            cute.copy(ld_s, tTtS, rS)
-            cute.arch.fence_view_async_tmem_load()
-            pos0 = tile * BLOCK_N
-            for c in cutlass.range_constexpr(cute.size(rS)):
-                if pos0 + tTcS[c][1] > row_limit:
-                    rS[c] = -cutlass.Float32.inf
-                else:
-                    rS[c] = rS[c] * scale_log2
-            s_row = rS.load()
-            row_max = stats[0]
-            m_new = cute.arch.fmax(row_max, s_row.reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0))
-            m_safe = 0.0 if m_new == -cutlass.Float32.inf else m_new
-            p_row = cute.math.exp2(s_row - m_safe, fastmath=True)
-            alpha = cute.math.exp2(row_max - m_safe, fastmath=True)
-            stats[1] = stats[1] * alpha + p_row.reduce(cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-            stats[0] = m_new
+                # ---- P (16-bit) -> smem, in the K-major layout of the PV MMA's A operand: this
+                # thread's row, register i = column i (32x32b), 16-byte stores (the swizzle moves
+                # whole 16-byte chunks) ----
+                rP = cute.make_rmem_tensor(rS.shape, self.dtype)
+                rP.store(p_row.to(self.dtype))
+                cute.autovec_copy(cute.make_tensor(rP.iterator, cute.make_layout(BLOCK_N)), sP[row, None])
 
-            # ---- P (16-bit) -> smem, in the K-major layout of the PV MMA's A operand: this
-            # thread's row, register i = column i (32x32b), 16-byte stores (the swizzle moves
-            # whole 16-byte chunks) ----
-            rP = cute.make_rmem_tensor(rS.shape, self.dtype)
-            rP.store(p_row.to(self.dtype))
-            cute.autovec_copy(cute.make_tensor(rP.iterator, cute.make_layout(BLOCK_N)), sP[row, None])
+                # ---- O *= alpha (TMEM round trip); warp-uniform skip when no row's max moved ----
+                # (the first tile's PV overwrites O instead: it was never written)
+                moved = cute.arch.vote_ballot_sync(alpha != 1.0)
+                if tile > t_begin and moved != 0:
+                    for j in cutlass.range_constexpr(n_chunks):
+                        cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
+                        cute.arch.fence_view_async_tmem_load()
+                        rO.store(rO.load() * alpha)
+                        cute.copy(st_o, rO, cute.make_tensor(tTtO_st.iterator + j * O_CHUNK, tTtO_st.layout))
+                    cute.arch.fence_view_async_tmem_store()
 
-            # ---- O *= alpha (TMEM round trip); warp-uniform skip when no row's max moved ----
-            # (the first tile's PV overwrites O instead: it was never written)
-            moved = cute.arch.vote_ballot_sync(alpha != 1.0)
-            if tile > t_begin and moved != 0:
-                for j in cutlass.range_constexpr(n_chunks):
+                # P and O ready: publish P to the async proxy, order TMEM traffic before the MMA
+                cute.arch.fence_view_async_shared()
+                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
+                cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)
+
+                # ---- O (+)= P V into TMEM; V^T = MN-major view of this ring slot, this CTA's Dv half ----
+                if warp_idx == 0:
+                    nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+                    sVt = cute.make_tensor(sKV[None, None, stage].iterator, sVt_layout.outer)
+                    sVt_part = cute.local_tile(sVt, (self.dv_cta, BLOCK_N), (dv_part, 0))
+                    tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(sVt_part))
+                    for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
+                        if cutlass.const_expr(k == 0):
+                            mma_pv.set(tcgen05.Field.ACCUMULATE, tile > t_begin)
+                        else:
+                            mma_pv.set(tcgen05.Field.ACCUMULATE, True)
+                        cute.gemm(mma_pv, tOtO, tOrP[None, None, k], tOrV[None, None, k], tOtO)
+                    # this slot's last reader: once the MMAs so far are done, the producer may refill it
+                    with cute.arch.elect_one():
+                        tcgen05.commit(kv_empty + stage)
+
+            # ---- wait for the last PV MMA (every TMA load was waited for in the loop) ----
+            if t_begin < t_end:
+                if warp_idx == 0:
+                    with cute.arch.elect_one():
+                        tcgen05.commit(mma_bar)
+                cute.arch.mbarrier_wait(mma_bar, (t_end - t_begin) % 2)
+                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
+
+            # ---- epilogue: normalise, write this split's partial O (this Dv half) and LSE ----
+            total = stats[1]
+            empty = total == 0.0
+            inv = 0.0 if empty else 1.0 / total
+            lse = -cutlass.Float32.inf if empty else (stats[0] + cute.math.log2(total)) * 0.6931471805599453
+            if dv_part == 0:
+                if m_row < self.M:
+                    mLsePart[b, split, m_row] = lse
+            for j in cutlass.range_constexpr(n_chunks):
+                if t_begin < t_end:
                     cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
                     cute.arch.fence_view_async_tmem_load()
-                    rO.store(rO.load() * alpha)
-                    cute.copy(st_o, rO, cute.make_tensor(tTtO_st.iterator + j * O_CHUNK, tTtO_st.layout))
-                cute.arch.fence_view_async_tmem_store()
+                    rO.store(rO.load() * inv)
+                else:
+                    rO.fill(0.0)  # an empty split never wrote O: its weight is 0, its O must not be NaN
+                # register i = column i of the chunk: 16-byte stores of this thread's row
+                if m_row < self.M:
+                    rO_part.store(cute.make_tensor(rO.iterator, cute.make_layout(O_CHUNK)).load().to(mOPart.element_type))
+                    gO = cute.local_tile(mOPart[b, split, m_row, None], (O_CHUNK,), (dv_part * n_chunks + j,))
+                    cute.autovec_copy(rO_part, gO)
 
-            # P and O ready: publish P to the async proxy, order TMEM traffic before the MMA
-            cute.arch.fence_view_async_shared()
+            # ---- free TMEM once every warp is done reading it ----
             nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
-            cute.arch.barrier()
-
-            # ---- O (+)= P V into TMEM; V^T = MN-major view of this ring slot, this CTA's Dv half ----
-            if warp_idx == 0:
-                nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
-                sVt = cute.make_tensor(sKV[None, None, stage].iterator, sVt_layout.outer)
-                sVt_part = cute.local_tile(sVt, (self.dv_cta, BLOCK_N), (dv_part, 0))
-                tOrV = mma_pv.make_fragment_B(thr_pv.partition_B(sVt_part))
-                for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
-                    if cutlass.const_expr(k == 0):
-                        mma_pv.set(tcgen05.Field.ACCUMULATE, tile > t_begin)
-                    else:
-                        mma_pv.set(tcgen05.Field.ACCUMULATE, True)
-                    cute.gemm(mma_pv, tOtO, tOrP[None, None, k], tOrV[None, None, k], tOtO)
-
-        # ---- wait for the last PV MMA (every TMA load was waited for in the loop) ----
-        if t_begin < t_end:
-            if warp_idx == 0:
-                with cute.arch.elect_one():
-                    tcgen05.commit(mma_bar)
-            cute.arch.mbarrier_wait(mma_bar, (t_end - t_begin) % 2)
-            nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.AFTER_THREAD_SYNC)
-
-        # ---- epilogue: normalise, write this split's partial O (this Dv half) and LSE ----
-        total = stats[1]
-        empty = total == 0.0
-        inv = 0.0 if empty else 1.0 / total
-        lse = -cutlass.Float32.inf if empty else (stats[0] + cute.math.log2(total)) * 0.6931471805599453
-        if dv_part == 0:
-            if m_row < self.M:
-                mLsePart[b, split, m_row] = lse
-        for j in cutlass.range_constexpr(n_chunks):
-            if t_begin < t_end:
-                cute.copy(ld_o, cute.make_tensor(tTtO_ld.iterator + j * O_CHUNK, tTtO_ld.layout), rO)
-                cute.arch.fence_view_async_tmem_load()
-                rO.store(rO.load() * inv)
-            else:
-                rO.fill(0.0)  # an empty split never wrote O: its weight is 0, its O must not be NaN
-            # register i = column i of the chunk: 16-byte stores of this thread's row
-            if m_row < self.M:
-                rO_part.store(cute.make_tensor(rO.iterator, cute.make_layout(O_CHUNK)).load().to(mOPart.element_type))
-                gO = cute.local_tile(mOPart[b, split, m_row, None], (O_CHUNK,), (dv_part * n_chunks + j,))
-                cute.autovec_copy(rO_part, gO)
-
-        # ---- free TMEM once every warp is done reading it ----
-        nvvm.tcgen05_fence(nvvm.Tcgen05FenceKind.BEFORE_THREAD_SYNC)
-        cute.arch.barrier()
-        tmem.free(tmem_ptr, TMEM_COLS)
+            cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=MATH_THREADS)
+            tmem.free(tmem_ptr, TMEM_COLS)
 
     # -- loads ----------------------------------------------------------------------------------
+    @cute.jit
+    def produce(self, tma_atom_q, tma_q, tma_atom_kv, tma_kv, mPageTable, b, m_block, t_begin, t_end, sQ, sKV,
+                q_full, kv_full, kv_empty):
+        """The producer warp: Q, then every KV tile of the split into the ring, tile t into slot
+        (t - t_begin) % 2 once the PV MMA of the tile before it in that slot is done (its
+        ``kv_empty`` commit; phase = that tile's use of the slot). The page-table read of a tile
+        goes out before that wait."""
+        cpasync.prefetch_descriptor(tma_atom_q)
+        cpasync.prefetch_descriptor(tma_atom_kv)
+        self.load_q_tma(tma_atom_q, tma_q, sQ, m_block, b, q_full)
+        for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
+            stage = (tile - t_begin) % STAGES
+            row_tile = self.kv_row_tile(mPageTable, b, tile)
+            if tile >= t_begin + STAGES:
+                cute.arch.mbarrier_wait(kv_empty + stage, ((tile - t_begin) // STAGES - 1) % 2)
+            self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, stage, row_tile, kv_full)
+
     @cute.jit
     def kv_row_tile(self, mPageTable, b, tile):
         """Index of KV tile ``tile`` of request ``b`` in 32-row units of the flattened cache (a
@@ -473,7 +496,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
             per_row = self.dv_cta // vec
             zeros = cute.make_rmem_tensor((vec,), self.dtype)
             zeros.fill(0.0)
-            for i in cutlass.range(tidx, (BLOCK_N - valid) * per_row, NUM_THREADS, unroll=1):
+            for i in cutlass.range(tidx, (BLOCK_N - valid) * per_row, MATH_THREADS, unroll=1):
                 dst = cute.local_tile(sKV[valid + i // per_row, None, stage], (vec,),
                                       (dv_part * per_row + i % per_row,))
                 cute.autovec_copy(zeros, dst)
