@@ -86,7 +86,7 @@ from cutlass._mlir.dialects import nvvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, tcgen05
 
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
-from .mla_decode_kernel_v5_loads import CHUNK, chunk_box
+from .mla_decode_kernel_v5_loads import CHUNK, chunk_box, issue_q_boxes
 
 BLOCK_M = 128  # tcgen05 M (cta_group::1): folded (q_len x heads) rows per CTA = TMEM lanes
 BLOCK_N = 32  # cache rows per KV tile (S columns)
@@ -479,10 +479,7 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         if cute.arch.lane_idx() == 0:
             cute.arch.mbarrier_arrive_and_expect_tx(q_full, BLOCK_M * self.D * self.dtype.width // 8)
         cute.arch.sync_warp()
-        gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
-        for c in cutlass.range_constexpr(self.D // CHUNK):
-            tQs, tQg = chunk_box(tma_atom_q, sQ, gQ, c)
-            cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=q_full)
+        issue_q_boxes(tma_atom_q, tma_q, sQ, m_block, b, q_full)
 
     @cute.jit
     def zero_stale_v(self, sKV, stage, n, tile, dv_part, tidx):

@@ -64,6 +64,18 @@ def chunk_box(tma_atom, sTile, gChunks, c: int):
         cute.group_modes(gChunks[None, None, c], 0, 2))
 
 
+@cute.jit
+def issue_q_boxes(tma_atom_q, tma_q, sQ, m_block, b, mbar_q):
+    """A whole warp (see ``setup_and_load_q``): m-block ``m_block`` of request ``b``'s Q, one
+    (rows of ``sQ``) x CHUNK box per chunk over the (folded row, column, request) view ``tma_q``,
+    completing on ``mbar_q``, which the caller armed with the boxes' bytes."""
+    rows = cute.size(sQ, mode=[0])
+    gQ = cute.local_tile(tma_q, (rows, CHUNK), (m_block, None, b))
+    for c in cutlass.range_constexpr(cute.size(sQ, mode=[1]) // CHUNK):
+        tQs, tQg = chunk_box(tma_atom_q, sQ, gQ, c)
+        cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=mbar_q)
+
+
 class SeesawLoads:
     """The see-saw kernel's loads (a mixin; see the module docstring)."""
 
@@ -83,10 +95,7 @@ class SeesawLoads:
             cute.arch.mbarrier_init_fence()
             cute.arch.mbarrier_arrive_and_expect_tx(mbar_q, BLOCK_M * self.D * self.dtype.width // 8)
         cute.arch.sync_warp()
-        gQ = cute.local_tile(tma_q, (BLOCK_M, CHUNK), (m_block, None, b))
-        for c in cutlass.range_constexpr(self.D // CHUNK):
-            tQs, tQg = chunk_box(tma_atom_q, sQ, gQ, c)
-            cute.copy(tma_atom_q, tQg, tQs, tma_bar_ptr=mbar_q)
+        issue_q_boxes(tma_atom_q, tma_q, sQ, m_block, b, mbar_q)
 
     @cute.jit
     def release(self, slot: cutlass.Constexpr, j: cutlass.Constexpr, wg_tidx, mbar, mbar_free):
@@ -167,4 +176,4 @@ class SeesawLoads:
         return cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
 
 
-__all__ = ["CHUNK", "GROUPS", "K0_EARLY", "K0_LATE", "K1_EARLY", "K1_LATE", "ROPE_CHUNK", "SeesawLoads"]
+__all__ = ["CHUNK", "GROUPS", "issue_q_boxes", "K0_EARLY", "K0_LATE", "K1_EARLY", "K1_LATE", "ROPE_CHUNK", "SeesawLoads"]
