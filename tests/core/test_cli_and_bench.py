@@ -90,3 +90,17 @@ def test_time_calls_flush_modes():
         assert t.method == "wall-clock" and t.iters == 3
     with pytest.raises(ValueError, match="flush_l2"):
         time_calls(calls, torch.device("cpu"), flush_l2="dirty")
+
+
+def test_l2_flush_ops_run_on_a_buffer():
+    """The flush functions the CUDA timing path calls, run here on a CPU buffer: the write zeroes
+    every word, the read reduces every word into the scratch scalar without allocating."""
+    from tokenspeed_core.bench._timing import make_l2_flush
+
+    buf = torch.randint(-1000, 1000, (1 << 16,), dtype=torch.int32)
+    scratch = torch.zeros((), dtype=torch.int64)
+    make_l2_flush(buf, "read", scratch)()
+    assert int(scratch) == int(buf.view(torch.int64).sum())
+    make_l2_flush(buf, "write", None)()
+    assert not buf.any()
+    make_l2_flush(None, False, None)()  # no flush: nothing to touch

@@ -6,9 +6,9 @@ the 10th/90th percentiles are reported.
 
 The flush is, by default, a write over a buffer larger than L2, as ``triton.testing.do_bench``
 does (and so the anchors of ../shared/anchors). It leaves L2 full of dirty lines, and a kernel
-that streams more than L2 holds writes them back as it evicts them: on an H100 that is ~40-50 MB
-of write-back sharing DRAM with the call's reads (docs/cute.md, next steps). ``flush_l2="read"``
-reads the buffer instead, leaving clean lines, to show how much of a call's time that is.
+that streams more than L2 holds writes them back as it evicts them, sharing DRAM with the call's
+reads: 5.7-7.9 µs a call on an H200 (~24-34 MB of write-back; docs/perf/cute.md, run 43).
+``flush_l2="read"`` reads the buffer instead, leaving clean lines, to show how much that is.
 """
 
 from __future__ import annotations
@@ -80,6 +80,20 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return _flush_buffers[device]
 
 
+def make_l2_flush(buffer: torch.Tensor | None, mode, scratch: torch.Tensor | None) -> Callable[[], None]:
+    """The flush before one timed call over ``buffer`` (larger than L2): "write" zeroes it,
+    "read" reduces it into the int64 scalar ``scratch`` (no allocation per call), falsy does
+    nothing. A function of its own so that CPU tests run the same code (a first read flush used
+    an overload of ``torch.sum`` that does not exist and failed only on the device, run 43)."""
+    if mode == "write":
+        return buffer.zero_
+    if mode == "read":
+        flat = buffer.view(torch.int64)
+        # a reduction reads every line; sum's out= form needs a dim
+        return lambda: torch.sum(flat, dim=0, out=scratch)
+    return lambda: None
+
+
 def _time_cuda(calls, device, *, warmup, iters, flush_l2, cuda_graph, max_seconds) -> Timing:
     torch.cuda.synchronize(device)
     for i in range(warmup):
@@ -103,16 +117,13 @@ def _time_cuda(calls, device, *, warmup, iters, flush_l2, cuda_graph, max_second
         method = "cuda-graph"
     flush = _l2_flush_buffer(device) if flush_l2 else None
     flush_sum = torch.zeros((), dtype=torch.int64, device=device) if flush_l2 == "read" else None
+    flush_l2_now = make_l2_flush(flush, flush_l2, flush_sum)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     t_end = time.perf_counter() + max_seconds
     done = 0
     for i in range(iters):
-        if flush_l2 == "write":
-            flush.zero_()
-        elif flush_l2 == "read":
-            # a reduction reads every line; sum's out= form needs a dim (run 43: the dtype= form raised)
-            torch.sum(flush.view(torch.int64), dim=0, out=flush_sum)
+        flush_l2_now()
         starts[i].record()
         runners[i % len(runners)]()
         ends[i].record()
