@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from gpu_cute_latency import kernel_times  # noqa: E402
 from gpu_cute_mla_decode import bench_inputs, build_registry  # noqa: E402
 
-from tokenspeed_core.bench import time_calls  # noqa: E402
+from tokenspeed_core.bench import gpu_state, time_calls  # noqa: E402
 
 
 def main():
@@ -45,6 +46,9 @@ def main():
     ap.add_argument("--splits", default="", help="also time these forced split counts per row ('16,32,64')")
     ap.add_argument("--flush", default="write", choices=("write", "read"),
                     help="L2 flush before each call: a write (as the anchors' do_bench; leaves dirty lines) or a read")
+    ap.add_argument("--cooldown-s", type=float, default=0.0,
+                    help="idle seconds before each row's timing (a long compute-bound row can leave the card "
+                         "power-limited for the next); each row records the clock its timing ended at")
     args = ap.parse_args()
     if args.src:
         sys.path.insert(0, os.path.abspath(args.src))
@@ -61,9 +65,11 @@ def main():
         a["out"].fill_(float("nan"))
         cm.mla_decode(**a)
         diff = float((a["out"].float() - ref.float()).abs().max())
+        if args.cooldown_s:
+            time.sleep(args.cooldown_s)
         t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True, flush_l2=args.flush).median_us
         row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, flush=args.flush, cute_us=round(t, 1),
-                   max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0))
+                   max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0), **gpu_state())
         if args.kernels:
             try:
                 row["kernel_us"] = kernel_times(lambda a=a: cm.mla_decode(**a))

@@ -31,7 +31,7 @@ for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_triton", "src"),
 import torch  # noqa: E402
 
 import tokenspeed_core  # noqa: E402
-from tokenspeed_core.bench import time_calls  # noqa: E402
+from tokenspeed_core.bench import gpu_state, time_calls  # noqa: E402
 
 T0 = time.time()
 
@@ -124,7 +124,7 @@ def graph_check(reg, device, backend):
     return same
 
 
-def bench(reg, device, ceil, presets, out_dir, deadline, wanted):
+def bench(reg, device, ceil, presets, out_dir, deadline, wanted, cooldown_s=0.0):
     spec = reg.spec("mla_decode")
     rows = []
     backends = [b for b in wanted if any(i.backend == b for i in reg.impls["mla_decode"])]
@@ -148,6 +148,8 @@ def bench(reg, device, ceil, presets, out_dir, deadline, wanted):
                 try:
                     impl.fn(**a)
                     outs[be] = (a["out"].float().clone(), a["lse"].clone())
+                    if cooldown_s:  # the row before may have left the card at its power limit
+                        time.sleep(cooldown_s)
                     try:  # graph replay: the launch cost on the host is not what we measure
                         t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=20, max_seconds=2.0,
                                        cuda_graph=True)
@@ -155,6 +157,8 @@ def bench(reg, device, ceil, presets, out_dir, deadline, wanted):
                         row[be + "_graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                         t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=30, max_seconds=3.0)
                     row[be + "_method"] = t.method
+                    # the clock / power / temperature the timing ended at (gpu_state's docstring)
+                    row.update({f"{be}_{k}": v for k, v in gpu_state(device.index or 0).items()})
                     us = t.median_us
                     row[be + "_us"] = round(us, 1)
                     row[be + "_gbps"] = round(cost.bytes / us / 1e3, 1)
@@ -188,6 +192,9 @@ def main():
     ap.add_argument("--backends", default="triton,cute", help="backends to time side by side")
     ap.add_argument("--check-late", default="", help="backends to check after the benchmark, time permitting")
     ap.add_argument("--late-need-s", type=float, default=80.0, help="time a late check needs")
+    ap.add_argument("--cooldown-s", type=float, default=0.0,
+                    help="idle seconds before each backend's timing (long compute-bound rows can leave the card "
+                         "power-limited for the next)")
     args = ap.parse_args()
     device = torch.device("cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -210,7 +217,8 @@ def main():
     ceil = get_ceilings(device, remeasure=True)
     log(f"ceilings: copy {ceil.copy_gbps} GB/s, bf16 GEMM {ceil.gemm_tflops} TFLOP/s")
     backends = args.backends.split(",")
-    rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s, backends)
+    rows = bench(reg, device, ceil, args.presets.split(","), args.out, T0 + args.budget_s, backends,
+                 args.cooldown_s)
     print("summary (early)", summary)
     print(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s; "
           "cells: us / %copy / %gemm (CUDA-graph replay, L2 flushed)")

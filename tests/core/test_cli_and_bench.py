@@ -104,3 +104,17 @@ def test_l2_flush_ops_run_on_a_buffer():
     make_l2_flush(buf, "write", None)()
     assert not buf.any()
     make_l2_flush(None, False, None)()  # no flush: nothing to touch
+
+
+def test_gpu_state_reads_nvidia_smi_and_says_nothing_without_a_gpu(monkeypatch):
+    """What a timing ran at: nvidia-smi's clock / power / temperature line parsed, unreadable
+    fields left out, and an empty dict where no tool answers (this machine)."""
+    from tokenspeed_core.bench import _gpu_state
+    from tokenspeed_core.bench._gpu_state import parse_smi
+
+    assert parse_smi("1755, 612.31, 71\n") == {"sm_mhz": 1755.0, "power_w": 612.31, "temp_c": 71.0}
+    assert parse_smi("1980, [N/A], 40") == {"sm_mhz": 1980.0, "temp_c": 40.0}
+    assert parse_smi("") == {}
+    monkeypatch.setattr(_gpu_state.shutil, "which", lambda name: None)
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # no NVML binding either
+    assert _gpu_state.gpu_state() == {}
