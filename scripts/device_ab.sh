@@ -6,8 +6,8 @@
 # package; flush is write (the anchors' method) or read. One process per distinct SRC first warms
 # the compile cache in parallel (its timings are discarded), then REPS rounds of one process per
 # build; rows go to $OUT/TAG/ab.jsonl and a table (label/flush: one value per process) prints last.
-# Starts with `source .device/setup.sh` (docs/cute.md, "Compiling without a GPU", and the device
-# notes in README.md).
+# Needs the CuTe DSL bundle unpacked on the machine (.device/setup.sh, as the bench/gpu_cute_*.py
+# scripts say in their headers).
 source .device/setup.sh >/dev/null
 export PYTHONUNBUFFERED=1 TOKENSPEED_CACHE_DIR=/tmp/tscache
 TAG=$1; ROWS=$2; REPS=$3; BUILDS=$4
