@@ -160,8 +160,8 @@ class SeesawLoads:
     @cute.jit
     def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
         """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
-        contiguous cache rows. Issued at the top of the step before their use, so their bytes are on
-        the way from HBM before that step's TMA loads (issued as columns free) ask for them."""
+        contiguous cache rows. Issued about a step before their use (``produce``), so their bytes are
+        on the way from HBM before that step's TMA loads (issued as columns free) ask for them."""
         for j in cutlass.range_constexpr(2):
             if tile + j < t_end:
                 gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
