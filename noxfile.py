@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", "tokenspeed_core", "tokenspeed", "tokenspeed_kernels_triton",
-                "tokenspeed_kernels_blackwell", "examples", "tests", "noxfile.py")
+                "tokenspeed_kernels_blackwell", "examples", "tests", "bench", "noxfile.py")
 
 
 @nox.session

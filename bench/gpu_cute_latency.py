@@ -21,9 +21,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from gpu_cute_mla_decode import bench_inputs, build_registry, log  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from gpu_cute_mla_decode import bench_inputs, build_registry, log  # noqa: E402
 from tokenspeed_core.bench import time_calls  # noqa: E402
 
 ROWS = [(1, 1, 16, 16384), (1, 1, 16, 65536), (1, 1, 128, 16384), (1, 1, 128, 65536), (1, 4, 16, 65536)]
@@ -65,13 +65,14 @@ def host_us(fn, n=300):
 def host_overheads(reg, device):
     """Where an eager decode call's host time goes: the op API (validation + selection), the CuTe
     launcher, and the bare TVM-FFI call of the compiled kernel with prepared arguments."""
-    from tokenspeed_kernels_blackwell import mla_decode as cm
     from tokenspeed_kernels_blackwell.mla_decode_kernel import softmax_scale_log2
+
+    from tokenspeed_kernels_blackwell import mla_decode as cm
 
     case = dict(B=1, q_len=1, H=16, seqlen=64, page_size=64, dtype=torch.bfloat16)
     a = bench_inputs(case, device)
     res = {"registry.call": host_us(lambda: reg.call("mla_decode", **a)),
-           "launcher": host_us(lambda: cm.mla_decode(**a))}
+           "launcher": host_us(lambda a=a: cm.mla_decode(**a))}
     fn, splits, m, variant = cm._launch_plan(0, a["q"].dtype, 1, 1, 16, 576, a["kv_cache"].dtype, 64,
                                              a["page_table"].shape[1], 512, None, None)
     o_part, lse_part = cm.partial_buffers(1, splits, m, 512, a["q"].dtype, device, variant)
@@ -97,9 +98,8 @@ def main():
     others = tuple(v for v in args.other_variants.split(",") if v)
     device = torch.device("cuda")
     reg = build_registry()
-    from tokenspeed_kernels_blackwell import mla_decode as cm
-
     from tokenspeed_core.bench import get_ceilings
+    from tokenspeed_kernels_blackwell import mla_decode as cm
 
     ceil = get_ceilings(device, remeasure=True)
     log(f"{torch.cuda.get_device_name(0)}: copy {ceil.copy_gbps} GB/s, GEMM {ceil.gemm_tflops} TFLOP/s")
@@ -114,25 +114,25 @@ def main():
         case = dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16)
         a = bench_inputs(case, device)
         row = dict(B=b, q_len=ql, H=h, s_k=s, variant=cm.DEFAULT_VARIANT)
-        row["triton_us"] = round(time_calls([lambda: triton.fn(**a)], device, cuda_graph=True).median_us, 1)
+        row["triton_us"] = round(time_calls([lambda a=a: triton.fn(**a)], device, cuda_graph=True).median_us, 1)
         ref_out = a["out"].clone()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         row["rule_splits"] = cm.split_count(cm.DEFAULT_VARIANT, b, h * ql, a["page_table"].shape[1] * 64, sms,
                                             a["kv_cache"].dtype)
-        row["cute_us"] = round(time_calls([lambda: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
+        row["cute_us"] = round(time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True).median_us, 1)
         # the anchors' method: triton's do_bench of the eager call, L2 flushed, median
-        row["cute_do_bench_us"] = round(1e3 * do_bench(lambda: cm.mla_decode(**a), return_mode="median"), 1)
-        row["triton_do_bench_us"] = round(1e3 * do_bench(lambda: triton.fn(**a), return_mode="median"), 1)
+        row["cute_do_bench_us"] = round(1e3 * do_bench(lambda a=a: cm.mla_decode(**a), return_mode="median"), 1)
+        row["triton_do_bench_us"] = round(1e3 * do_bench(lambda a=a: triton.fn(**a), return_mode="median"), 1)
         row["max_diff_vs_triton"] = round(float((a["out"].float() - ref_out.float()).abs().max()), 4)
-        row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
+        row["kernels"] = kernel_times(lambda a=a: cm.mla_decode(**a))
         for v in others:
-            row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
+            row[f"{v}_us"] = round(time_calls([lambda a=a, v=v: cm.mla_decode(**a, variant=v)], device,
                                               cuda_graph=True).median_us, 1)
-            row[f"{v}_kernels"] = kernel_times(lambda: cm.mla_decode(**a, variant=v))
+            row[f"{v}_kernels"] = kernel_times(lambda a=a, v=v: cm.mla_decode(**a, variant=v))
         for sp in splits:
-            t = time_calls([lambda: cm.mla_decode(**a, num_kv_splits=sp)], device, cuda_graph=True).median_us
+            t = time_calls([lambda a=a, sp=sp: cm.mla_decode(**a, num_kv_splits=sp)], device, cuda_graph=True).median_us
             row[f"splits_{sp}_us"] = round(t, 1)
-        row["kernels_splits_32"] = kernel_times(lambda: cm.mla_decode(**a, num_kv_splits=32))
+        row["kernels_splits_32"] = kernel_times(lambda a=a: cm.mla_decode(**a, num_kv_splits=32))
         results.append(row)
         log(json.dumps(row))
         del a
@@ -146,9 +146,9 @@ def main():
             for v in (cm.DEFAULT_VARIANT,) + others:
                 if cache_dtype == torch.float8_e4m3fn and v not in cm.FP8_VARIANTS:
                     continue
-                row[f"{v}_us"] = round(time_calls([lambda: cm.mla_decode(**a, variant=v)], device,
+                row[f"{v}_us"] = round(time_calls([lambda a=a, v=v: cm.mla_decode(**a, variant=v)], device,
                                                   cuda_graph=True).median_us, 1)
-            row["kernels"] = kernel_times(lambda: cm.mla_decode(**a))
+            row["kernels"] = kernel_times(lambda a=a: cm.mla_decode(**a))
             fp8_rows.append(row)
             log(json.dumps(row))
             del a

@@ -151,11 +151,11 @@ def bench(reg, device, ceil, presets, out_dir, deadline, wanted, cooldown_s=0.0)
                     if cooldown_s:  # the row before may have left the card at its power limit
                         time.sleep(cooldown_s)
                     try:  # graph replay: the launch cost on the host is not what we measure
-                        t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=20, max_seconds=2.0,
+                        t = time_calls([lambda impl=impl, a=a: impl.fn(**a)], device, warmup=3, iters=20, max_seconds=2.0,
                                        cuda_graph=True)
                     except Exception as exc:
                         row[be + "_graph_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                        t = time_calls([lambda: impl.fn(**a)], device, warmup=3, iters=30, max_seconds=3.0)
+                        t = time_calls([lambda impl=impl, a=a: impl.fn(**a)], device, warmup=3, iters=30, max_seconds=3.0)
                     row[be + "_method"] = t.method
                     # the clock / power / temperature the timing ended at (gpu_state's docstring)
                     row.update({f"{be}_{k}": v for k, v in gpu_state(device.index or 0).items()})

@@ -130,8 +130,8 @@ def main() -> int:
             if msg:
                 failures.append(f"{op} {label}: {msg}")
             kw = call.kwargs()
-            t_tri = median_ms(lambda: impl.fn(**kw))
-            t_ref = median_ms(lambda: spec.reference(**kw))
+            t_tri = median_ms(lambda impl=impl, kw=kw: impl.fn(**kw))
+            t_ref = median_ms(lambda spec=spec, kw=kw: spec.reference(**kw))
             cost = spec.cost(call)
             gbs = cost.bytes / t_tri / 1e6
             same = same_size_copy_gbs(cost.bytes, dev)

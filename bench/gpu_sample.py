@@ -272,7 +272,7 @@ def main() -> int:
         if which is not None and time.time() - T0 > TIME_BUDGET_S:
             log("time budget reached: per-filter rows skipped")
             break
-        make = (lambda c, g, d: only_filter(which)(spec, c, g, d)) if which else spec.make_inputs
+        make = (lambda c, g, d, which=which: only_filter(which)(spec, c, g, d)) if which else spec.make_inputs
         label = spec.label(case) + (f" {which} only" if which else "")
         sets = [spec.bind(make(case, torch.Generator().manual_seed(s), device)) for s in range(ROTATE)]
         floor_us = spec.cost(sets[0]).bytes / (ceil.copy_gbps * 1e3)
@@ -289,7 +289,7 @@ def main() -> int:
             verdict = spec.compare("out", outs[impl_name], ref, sets[0])
             for graph in methods:
                 try:
-                    t = time_calls([(lambda c=c: fn(**c.kwargs())) for c in sets], device, iters=args.iters,
+                    t = time_calls([(lambda c=c, fn=fn: fn(**c.kwargs())) for c in sets], device, iters=args.iters,
                                    cuda_graph=graph)
                     us, p10, p90 = t.median_us, t.p10_us, t.p90_us
                     note = "" if verdict is None else f"MISMATCH {verdict[:70]}"
@@ -322,7 +322,7 @@ def main() -> int:
             ("v3", "graph", "v3 gr"), ("v3", "events", "v3 ev")]
     print(f"{'case':40s}" + "".join(f" {h:>9s}" for _, _, h in cols) + f" {'v2/v3':>6s} {'%copy':>6s} note")
     for lab in labels:
-        def us(impl, m):
+        def us(impl, m, lab=lab):
             r = by.get((lab, impl, m))
             return r["us"] if r else float("nan")
         m_best = "graph" if (lab, "v3", "graph") in by else "events"
