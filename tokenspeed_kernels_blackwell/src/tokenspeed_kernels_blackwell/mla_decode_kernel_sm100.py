@@ -86,7 +86,7 @@ from cutlass._mlir.dialects import nvvm
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, tcgen05
 
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma
-from .mla_decode_kernel_v5_loads import CHUNK, chunk_box, issue_q_boxes
+from .mla_decode_kernel_v5_loads import CHUNK, cache_row_tile, chunk_box, issue_q_boxes
 
 BLOCK_M = 128  # tcgen05 M (cta_group::1): folded (q_len x heads) rows per CTA = TMEM lanes
 BLOCK_N = 32  # cache rows per KV tile (S columns)
@@ -446,18 +446,10 @@ class MlaDecodeSplitKVTcgen05(MlaDecodeSplitKVWgmma):
         self.load_q_tma(tma_atom_q, tma_q, sQ, m_block, b, q_full)
         for tile in cutlass.range(t_begin, t_end, 1, unroll=1):
             stage = (tile - t_begin) % STAGES
-            row_tile = self.kv_row_tile(mPageTable, b, tile)
+            row_tile = cache_row_tile(mPageTable, b, tile, BLOCK_N, self.page_size)
             if tile >= t_begin + STAGES:
                 cute.arch.mbarrier_wait(kv_empty + stage, ((tile - t_begin) // STAGES - 1) % 2)
             self.load_kv_tile_tma(tma_atom_kv, tma_kv, sKV, stage, row_tile, kv_full)
-
-    @cute.jit
-    def kv_row_tile(self, mPageTable, b, tile):
-        """Index of KV tile ``tile`` of request ``b`` in 32-row units of the flattened cache (a
-        32-row tile lies inside one page: the page size is a multiple of 64)."""
-        pos0 = tile * BLOCK_N
-        page = mPageTable[b, pos0 // self.page_size]
-        return page * (self.page_size // BLOCK_N) + (pos0 % self.page_size) // BLOCK_N
 
     @cute.jit
     def load_kv_tile_tma(self, tma_atom, tma_kv, sKV, stage, row_tile, kv_full):

@@ -55,6 +55,14 @@ def prefetch_l2(addr, nbytes: int, *, loc=None, ip=None):
     )
 
 
+def cache_row_tile(mPageTable, b, tile, block_n: int, page_size: int):
+    """Index of KV tile ``tile`` of request ``b`` in ``block_n``-row units of the flattened cache
+    (a tile lies inside one page: the page size is a multiple of the tile's rows)."""
+    pos0 = tile * block_n
+    page = mPageTable[b, pos0 // page_size]
+    return page * (page_size // block_n) + (pos0 % page_size) // block_n
+
+
 def chunk_box(tma_atom, sTile, gChunks, c: int):
     """(smem, gmem) views of 64-column chunk ``c`` as one TMA box: ``sTile`` a 64-row tile in
     smem, ``gChunks`` the matching (64, CHUNK, chunks) tiling of the global tensor."""
@@ -120,9 +128,7 @@ class SeesawLoads:
         BN = self.block_n
         g = slot * 2 + j
         # the page-table read is issued before the wait, so its round trip hides under it
-        pos0 = tile * BN
-        page = mPageTable[b, pos0 // self.page_size]
-        row_tile = page * (self.page_size // BN) + (pos0 % self.page_size) // BN
+        row_tile = cache_row_tile(mPageTable, b, tile, BN, self.page_size)
         self.timed(sums, base.WAIT_FREED, cute.arch.mbarrier_wait, mbar_free + g, phase)
         gKV = cute.local_tile(tma_kv, (BN, CHUNK), (row_tile, None))
         chunks = GROUPS[slot][j]
@@ -176,4 +182,5 @@ class SeesawLoads:
         return cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
 
 
-__all__ = ["CHUNK", "GROUPS", "issue_q_boxes", "K0_EARLY", "K0_LATE", "K1_EARLY", "K1_LATE", "ROPE_CHUNK", "SeesawLoads"]
+__all__ = ["CHUNK", "GROUPS", "K0_EARLY", "K0_LATE", "K1_EARLY", "K1_LATE", "ROPE_CHUNK", "SeesawLoads", "cache_row_tile",
+           "chunk_box", "issue_q_boxes"]
