@@ -84,6 +84,7 @@ def main():
             row[f"splits_{n}_us"] = round(t_n, 1) if d_n < 0.05 else f"wrong ({d_n:.3g})"
         print(json.dumps(row), flush=True)
         if args.out:
+            os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "ab.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         del a, ref
