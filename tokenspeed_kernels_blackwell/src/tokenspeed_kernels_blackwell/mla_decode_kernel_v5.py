@@ -138,6 +138,14 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
             (BLOCK_M, self.block_n),
         )
+        # Q's rope chunk from registers (loaded once): 1/9 of S's A operand off shared memory, whose
+        # bandwidth S's SS wgmmas (m64 n64: 4 KB of operands per 32 clocks) use up at the tensor rate
+        mma_qk_rs = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32, (1, 1, 1),
+            (BLOCK_M, self.block_n), warpgroup.OperandSource.RMEM,
+        )
+        q_copy = cute.make_tiled_copy_A(
+            cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), mma_qk_rs)
         mma_pv_ss = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, cutlass.Float32, (1, 1, 1),
             (BLOCK_M, self.dv_half),
@@ -166,8 +174,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         m_blocks = (self.M + BLOCK_M - 1) // BLOCK_M
         self.attention_kernel_v5(
             tma_atom_q, tma_q, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse,
-            scale_log2, kv_scale, sQ_layout, sKV_layout, sVt_layout, p_copy, mma_qk, mma_pv_ss, mma_pv_rs,
-            SharedStorage,
+            scale_log2, kv_scale, sQ_layout, sKV_layout, sVt_layout, p_copy, mma_qk, mma_qk_rs, q_copy, mma_pv_ss,
+            mma_pv_rs, SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
             block=[MATH_THREADS + 128, 1, 1],
@@ -179,27 +187,38 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
 
     # -- pieces of the math warpgroups (the loads: SeesawLoads) --------------------------------
     @cute.jit
-    def qk_chunks(self, mma_qk, acc_S, tSrQ, tSrK, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
-        """Issue S (+)= Q K^T over the given chunks (4 k16 steps each) as one wgmma group."""
+    def qk_chunks(self, mma_qk, acc_S, q, k, chunks: cutlass.Constexpr, first: cutlass.Constexpr):
+        """Issue S (+)= Q K^T over the given chunks (4 k16 steps each) as one wgmma group. ``q`` =
+        (Q's smem fragment, Q's rope chunk in registers, the RS mma), ``k`` = (K's fragment for the
+        SS mma, for the RS one): the rope chunk's steps read Q from registers."""
+        tSrQ, tSrQr, mma_qk_rs = q
+        tSrK, tSrKr = k
+        if cutlass.const_expr(first and chunks[0] == ROPE_CHUNK):
+            raise ValueError("S starts on a smem chunk: the rope chunk's RS steps always accumulate")
         warpgroup.fence()
         atom = cute.make_mma_atom(mma_qk.op)
         atom.set(warpgroup.Field.ACCUMULATE, not first)
+        atom_rs = cute.make_mma_atom(mma_qk_rs.op)
+        atom_rs.set(warpgroup.Field.ACCUMULATE, True)
         for c in cutlass.range_constexpr(len(chunks)):
-            for k in cutlass.range_constexpr(CHUNK // 16):
-                kb = chunks[c] * (CHUNK // 16) + k
-                cute.gemm(atom, acc_S, tSrQ[None, None, kb], tSrK[None, None, kb], acc_S)
-                atom.set(warpgroup.Field.ACCUMULATE, True)
+            for kk in cutlass.range_constexpr(CHUNK // 16):
+                kb = chunks[c] * (CHUNK // 16) + kk
+                if cutlass.const_expr(chunks[c] == ROPE_CHUNK):
+                    cute.gemm(atom_rs, acc_S, tSrQr[None, None, kk], tSrKr[None, None, kb], acc_S)
+                else:
+                    cute.gemm(atom, acc_S, tSrQ[None, None, kb], tSrK[None, None, kb], acc_S)
+                    atom.set(warpgroup.Field.ACCUMULATE, True)
         warpgroup.commit_group()
 
     @cute.jit
-    def compute_s(self, mma_qk, acc_S, tSrQ, tSrK, early: cutlass.Constexpr, late: cutlass.Constexpr,
+    def compute_s(self, mma_qk, acc_S, q, k, early: cutlass.Constexpr, late: cutlass.Constexpr,
                   mbar_early, mbar_late, phase, sums):
         """S = Q K^T of a tile whose column groups arrive on two mbarriers: the first group's
         MMAs run while the second is still landing."""
         self.timed(sums, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar_early, phase)  # TMA: no proxy fence
-        self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, early, True)
+        self.qk_chunks(mma_qk, acc_S, q, k, early, True)
         self.timed(sums, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar_late, phase)
-        self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK, late, False)
+        self.qk_chunks(mma_qk, acc_S, q, k, late, False)
         self.timed(sums, base.WAIT_MMA, warpgroup.wait_group, 0)
 
     @cute.jit
@@ -317,6 +336,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         sVt_layout: cute.ComposedLayout,
         p_copy: cute.TiledCopy,
         mma_qk: cute.TiledMma,
+        mma_qk_rs: cute.TiledMma,
+        q_copy: cute.TiledCopy,
         mma_pv_ss: cute.TiledMma,
         mma_pv_rs: cute.TiledMma,
         SharedStorage: cutlass.Constexpr,
@@ -404,6 +425,15 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             tSrQ = mma_qk.make_fragment_A(thr_qk.partition_A(sQ))
             tSrK0 = mma_qk.make_fragment_B(thr_qk.partition_B(sK0))
             tSrK1 = mma_qk.make_fragment_B(thr_qk.partition_B(sK1))
+            # Q's rope chunk in registers (A of the RS mma), loaded once Q has landed
+            thr_qk_rs = mma_qk_rs.get_slice(wg_tidx)
+            sQ_rope = cute.local_tile(sQ, (BLOCK_M, CHUNK), (0, ROPE_CHUNK))
+            tSrQr = thr_qk_rs.make_fragment_A(thr_qk_rs.partition_A(sQ_rope))
+            thr_q_copy = q_copy.get_slice(wg_tidx)
+            cute.copy(q_copy, thr_q_copy.partition_S(sQ_rope), thr_q_copy.retile(tSrQr))
+            q_frags = (tSrQ, tSrQr, mma_qk_rs)
+            k0_frags = (tSrK0, mma_qk_rs.make_fragment_B(thr_qk_rs.partition_B(sK0)))
+            k1_frags = (tSrK1, mma_qk_rs.make_fragment_B(thr_qk_rs.partition_B(sK1)))
             tOrV0 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt0))
             tOrV1 = mma_pv_ss.make_fragment_B(thr_ss.partition_B(sVt1))
             tOrV0_rs = mma_pv_rs.make_fragment_B(thr_rs.partition_B(sVt0))
@@ -436,10 +466,10 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             # ---- prologue: S of the first step's tiles ----
             if wg == 0:
                 if t_begin < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0, None)
+                    self.compute_s(mma_qk, acc_S, q_frags, k0_frags, K0_EARLY, K0_LATE, mbar + 0, mbar + 1, 0, None)
             else:
                 if t_begin + 1 < t_end:
-                    self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0, None)
+                    self.compute_s(mma_qk, acc_S, q_frags, k1_frags, K1_EARLY, K1_LATE, mbar + 2, mbar + 3, 0, None)
             self.stamp(base.STAMP_FIRST_S, tidx, 0)
             waits = self.wait_sums()  # the timing probe's wait records (None: not compiled)
 
@@ -475,12 +505,12 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                         self.pv(mma_pv_ss, acc_O, tOrP1, tOrV1)
                         if t0 + 2 < t_end:
                             self.timed(waits, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar + 0, next_phase)
-                            self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_EARLY, True)
+                            self.qk_chunks(mma_qk, acc_S, q_frags, k0_frags, K0_EARLY, True)
                             self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 1)  # O_L += P1 V1_L done
                             if t0 + 3 < t_end:
                                 self.release(1, 1, wg_tidx, mbar, mbar_free)
                             self.timed(waits, base.WAIT_LANDED, cute.arch.mbarrier_wait, mbar + 1, next_phase)
-                            self.qk_chunks(mma_qk, acc_S, tSrQ, tSrK0, K0_LATE, False)
+                            self.qk_chunks(mma_qk, acc_S, q_frags, k0_frags, K0_LATE, False)
                             self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
                         else:
                             self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
@@ -506,7 +536,7 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                         if t0 + 3 < t_end:
                             self.release(1, 0, wg_tidx, mbar, mbar_free)
                             # (c) the next step's S1
-                            self.compute_s(mma_qk, acc_S, tSrQ, tSrK1, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
+                            self.compute_s(mma_qk, acc_S, q_frags, k1_frags, K1_EARLY, K1_LATE, mbar + 2, mbar + 3,
                                            next_phase, waits)
                     else:
                         self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)
