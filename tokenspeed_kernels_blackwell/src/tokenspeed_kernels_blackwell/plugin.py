@@ -9,7 +9,7 @@ from __future__ import annotations
 import tokenspeed_core
 from tokenspeed_core import Priority, Registry
 
-from . import mla_decode
+from . import mla_decode, mla_prefill
 
 BACKEND = "cute"
 
@@ -28,3 +28,8 @@ def tokenspeed_register_kernels(registry: Registry) -> None:
         # SPECIALISED for >= 64 rows, below the portable band elsewhere (used there only when
         # forced: TOKENSPEED_KERNEL_MLA_DECODE=cute).
         mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10, preferred=Priority.SPECIALISED)
+    if mla_prefill.OP in registry.specs:
+        # compiled on CPU, never run on hardware: unavailable unless TOKENSPEED_CUTE_PREFILL=1, and
+        # even then below the portable band (selected only when forced) until it has been
+        # checked and measured on an H100/H200 (bench/gpu_cute_prefill.py)
+        mla_prefill.register(registry, BACKEND, Priority.PORTABLE - 10)
