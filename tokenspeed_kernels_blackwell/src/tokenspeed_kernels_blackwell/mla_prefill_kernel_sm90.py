@@ -333,7 +333,9 @@ class MlaPrefillSm90:
             total = xor_sum(row_sum[r], QUAD)  # >= 1: the row's max contributes exp2(0)
             inv = 1.0 / total
             if qi[r] < q_len:
-                row = q_start + qi[r]
+                # 64-bit: row * H * 128 passes 2^31 at 128K tokens x 128 heads (32-bit coordinates
+                # would compute the offset in 32 bits)
+                row = cutlass.Int64(q_start) + qi[r]
                 if lane % 4 == 0:
                     mLse[row, h] = (row_max[r] + cute.math.log2(total)) * LN2
                 gO = mOut[row, h, None]
