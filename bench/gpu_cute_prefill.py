@@ -27,6 +27,7 @@ for p in (os.path.join(ROOT, "tokenspeed_kernels_triton", "src"), os.path.join(R
     if p not in sys.path:
         sys.path.insert(0, p)
 os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TOKENSPEED_CUTE_PREFILL", "1")  # lets the conformance kit select the CuTe backend
 
 import torch  # noqa: E402
 
@@ -43,7 +44,11 @@ CASES = [
     ([777, 0, 1, 128, 300], [0, 64, 4000, 129, 1000], 16), ([1000], [9000], 16), ([4096], [0], 16),
     ([513, 200, 64], [700, 0, 1], 128), ([33, 9], [7, 0], 128), ([1], [0], 128),
 ]
-ANCHOR_ROWS = [(1, 8192, 16), (1, 8192, 128), (4, 4096, 128), (8, 1024, 128)]  # B, S, H; prefix 0
+# mla-prefill-h100.md's rows (B, S, H; causal, no prefix): cuDNN through torch's SDPA runs in the
+# same call as the peer (the anchor's backend); then extends over a cached prefix (q_lens, prefixes,
+# H), the agent case no dense SDPA covers
+ANCHOR_ROWS = [(1, 8192, 16), (1, 8192, 128), (1, 32768, 16), (1, 32768, 128), (4, 4096, 128), (8, 1024, 128)]
+EXTEND_ROWS = [([2048] * 4, [30000] * 4, 128), ([512] * 16, [16000] * 16, 16)]
 
 
 def inputs(q_lens, prefixes, H, dtype, gen):
@@ -103,6 +108,52 @@ def dense(B, S, H, dtype=torch.bfloat16):
                 lse=torch.empty(B * S, H, device=DEV, dtype=torch.float32), softmax_scale=1.0 / math.sqrt(192))
 
 
+def cudnn_sdpa(x, B, S, H):
+    """The anchor's peer: causal SDPA on cuDNN over the same dense rows ([B, H, S, D] views)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (x[n].view(B, S, H, -1).transpose(1, 2) for n in ("q", "k", "v"))
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                    scale=x["softmax_scale"])
+    return run
+
+
+def conformance() -> dict:
+    """The conformance kit's full grid for the CuTe backend (bad inputs included), as a plugin author
+    runs it."""
+    import tokenspeed_core
+    from tokenspeed_core.testing import check_backend
+    from tokenspeed_kernels_blackwell import plugin as cute_plugin
+    from tokenspeed_kernels_triton import plugin as triton_plugin
+
+    reg = tokenspeed_core.build_registry(entry_points=False)
+    for name, plug in (("cute", cute_plugin), ("triton", triton_plugin)):
+        with reg.registering_as(name):
+            plug.tokenspeed_register_kernels(registry=reg)
+    rep = check_backend(op.SPEC.name, "cute", size="full", device="cuda", registry=reg)
+    counts = {}
+    for r in rep.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        if r.status in ("fail", "error"):
+            print(f"  conformance {r.status}: {r.label} :: err={r.max_abs_err} :: {r.detail[:300]}", flush=True)
+    return dict(ok=bool(getattr(rep, "ok", False)), counts=counts, text=rep.format(verbose=True))
+
+
+def extend(q_lens, prefixes, H, dtype=torch.bfloat16):
+    """A batch of extends over cached prefixes, made on the device (the CPU generator of the checks
+    would take seconds for these sizes)."""
+    cu_q = torch.tensor([0] + q_lens, device=DEV).cumsum(0).to(torch.int32)
+    cu_kv = torch.tensor([0] + [p + n for p, n in zip(prefixes, q_lens, strict=True)], device=DEV).cumsum(0)
+    T, T_kv = sum(q_lens), int(cu_kv[-1])
+    return dict(q=torch.randn(T, H, 192, device=DEV, dtype=dtype), k=torch.randn(T_kv, H, 192, device=DEV, dtype=dtype),
+                v=torch.randn(T_kv, H, 128, device=DEV, dtype=dtype), cu_seqlens_q=cu_q,
+                cu_seqlens_kv=cu_kv.to(torch.int32), out=torch.empty(T, H, 128, device=DEV, dtype=dtype),
+                lse=torch.empty(T, H, device=DEV, dtype=torch.float32), softmax_scale=1.0 / math.sqrt(192))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -122,42 +173,60 @@ def main() -> int:
             print(("ok  " if r["ok"] else "FAIL"), json.dumps(r), flush=True)
     graph_ok = graph_replay_matches(cp, gen)
     print("graph replay == eager:", graph_ok, flush=True)
+    conf = conformance()
+    print("conformance:", conf["ok"], conf["counts"], flush=True)
 
     rows = []
     if not args.no_timing:
         ceil = get_ceilings(DEV)
-        for B, S, H in ANCHOR_ROWS:
-            x = dense(B, S, H)
-            flops = 2.0 * B * H * (S * (S + 1) / 2) * (192 + 128)
+        timed = [(f"B {B} S {S}", dense(B, S, H), B, S, H) for B, S, H in ANCHOR_ROWS]
+        timed += [(f"{len(ql)} x q {ql[0]} on {pf[0]}", extend(ql, pf, H), None, None, H)
+                  for ql, pf, H in EXTEND_ROWS]
+        for label, x, B, S, H in timed:
+            flops = 2.0 * H * op.causal_pairs(x["cu_seqlens_q"], x["cu_seqlens_kv"]) * (192 + 128)
             ref_out = x["out"].clone()
             tri.launch(**{**x, "out": ref_out})
+            x["out"].fill_(float("nan"))
             cp.mla_prefill(**x)
             torch.cuda.synchronize()
             diff = (x["out"].float() - ref_out.float()).abs().max().item()
-            t_cute = time_calls([lambda x=x: cp.mla_prefill(**x)], DEV, iters=20, max_seconds=5.0)
-            t_tri = time_calls([lambda x=x: tri.launch(**x)], DEV, iters=20, max_seconds=5.0)
-            row = dict(B=B, S=S, H=H, cute_us=t_cute.median_us, triton_us=t_tri.median_us, max_diff_vs_triton=diff,
-                       cute_tflops=flops / t_cute.median_us / 1e6, triton_tflops=flops / t_tri.median_us / 1e6,
-                       gemm_tflops=ceil.gemm_tflops)
+            row = dict(row=label, H=H, gflop=flops / 1e9, max_diff_vs_triton=diff, gemm_tflops=ceil.gemm_tflops)
+            peers = {"cute": lambda x=x: cp.mla_prefill(**x), "triton": lambda x=x: tri.launch(**x)}
+            if B is not None:
+                peers["cudnn"] = cudnn_sdpa(x, B, S, H)
+            for name, fn in peers.items():
+                try:
+                    row[f"{name}_us"] = time_calls([fn], DEV, iters=20, max_seconds=5.0).median_us
+                except Exception as exc:  # a peer without a kernel for these dims: the row stands without it
+                    row[f"{name}_us"] = None
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
+            del x
+            torch.cuda.empty_cache()
 
     n_ok = sum(r["ok"] for r in checks)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cute_prefill.json"), "w") as f:
-        json.dump({"info": info, "checks": checks, "graph_replay_ok": graph_ok, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "checks": checks, "graph_replay_ok": graph_ok, "conformance": conf, "rows": rows},
+                  f, indent=1)
     print(f"\n{info['device']}: correctness {n_ok}/{len(checks)}, worst out err "
           f"{max(r['max_abs_out'] for r in checks):.3g}, worst lse err {max(r['max_abs_lse'] for r in checks):.3g}, "
-          f"graph replay {'ok' if graph_ok else 'MISMATCH'}")
+          f"graph replay {'ok' if graph_ok else 'MISMATCH'}, conformance {conf['counts']}")
     if rows:
-        print("| B | S | H | cute µs | TFLOP/s (% GEMM) | triton µs | TFLOP/s (% GEMM) | max diff |")
-        print("|---|---|---|---|---|---|---|---|")
+        g = rows[0]["gemm_tflops"]
+        print(f"GEMM ceiling {g:.0f} TFLOP/s. µs (TFLOP/s, % of GEMM)")
+        print("| row | H | cute | triton | cuDNN | cute / cuDNN | cute / triton |")
+        print("|---|---|---|---|---|---|---|")
+
+        def cell(us, gf):
+            return f"{us:.1f} ({gf / us * 1e3:.0f}, {gf / us * 1e3 / g * 100:.0f}%)" if us else "-"
+
         for r in rows:
-            g = r["gemm_tflops"]
-            print(f"| {r['B']} | {r['S']} | {r['H']} | {r['cute_us']:.1f} | {r['cute_tflops']:.0f} "
-                  f"({r['cute_tflops'] / g * 100:.0f}%) | {r['triton_us']:.1f} | {r['triton_tflops']:.0f} "
-                  f"({r['triton_tflops'] / g * 100:.0f}%) | {r['max_diff_vs_triton']:.3g} |")
-    return 0 if n_ok == len(checks) and graph_ok else 1
+            c, t, d = r["cute_us"], r["triton_us"], r.get("cudnn_us")
+            print(f"| {r['row']} | {r['H']} | {cell(c, r['gflop'])} | {cell(t, r['gflop'])} | {cell(d, r['gflop'])} "
+                  f"| {f'{c / d:.3f}x' if c and d else '-'} | {f'{c / t:.3f}x' if c and t else '-'} |")
+    return 0 if n_ok == len(checks) and graph_ok and conf["ok"] else 1
 
 
 if __name__ == "__main__":
