@@ -29,7 +29,6 @@ def tokenspeed_register_kernels(registry: Registry) -> None:
         # forced: TOKENSPEED_KERNEL_MLA_DECODE=cute).
         mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10, preferred=Priority.SPECIALISED)
     if mla_prefill.OP in registry.specs:
-        # compiled on CPU, never run on hardware: unavailable unless TOKENSPEED_CUTE_PREFILL=1, and
-        # even then below the portable band (selected only when forced) until it has been
-        # checked and measured on an H100/H200 (bench/gpu_cute_prefill.py)
-        mla_prefill.register(registry, BACKEND, Priority.PORTABLE - 10)
+        # passed the conformance kit on an H200 and beat the Triton kernel on all 8 measured rows
+        # (1.05-1.33x; docs/perf/cute.md, run P1): SPECIALISED wherever it runs (sm_90a)
+        mla_prefill.register(registry, BACKEND, Priority.SPECIALISED)
