@@ -1,13 +1,14 @@
-"""First device check of the CuTe sm_90a ``mla_prefill`` kernel (compiled on CPU, never run before):
-correctness on awkward shapes against the op's reference in float64, then a few anchor rows
-timed against the Triton kernel and the GEMM ceiling. Run it under ``timeout`` so a hang (a
-wrong mbarrier phase) costs seconds:
+"""Device check of the CuTe sm_90a ``mla_prefill`` kernel: correctness on awkward shapes against
+the op's reference in float64, the conformance kit's full grid, graph replay, then the anchor
+rows timed against Triton and cuDNN (torch SDPA, the anchor's backend) in the same call and the
+GEMM ceiling, and extends over cached prefixes. Run it under ``timeout`` so a hang (a wrong
+mbarrier phase after a change) costs seconds:
 
     source .device/setup.sh && PYTHONUNBUFFERED=1 timeout 300 python bench/gpu_cute_prefill.py
 
 Needs no install (puts the repo and both kernel packages' sources first on sys.path) and calls
-the CuTe launcher directly, so TOKENSPEED_CUTE_PREFILL is not needed. Each correctness case: a
-fresh random input, ``out`` and ``lse`` poisoned with NaN, each with guard rows past T that must
+the CuTe launcher directly (the conformance kit goes through the registry). Each correctness
+case: a fresh random input, ``out`` and ``lse`` poisoned with NaN, each with guard rows past T that must
 stay NaN (a stray store shows there). Exit status 1 if any case fails. Details go to
 ``$OUT/cute_prefill.json``; a short table is printed last.
 """
@@ -27,7 +28,6 @@ for p in (os.path.join(ROOT, "tokenspeed_kernels_triton", "src"), os.path.join(R
     if p not in sys.path:
         sys.path.insert(0, p)
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TOKENSPEED_CUTE_PREFILL", "1")  # lets the conformance kit select the CuTe backend
 
 import torch  # noqa: E402
 
