@@ -214,10 +214,15 @@ def test_compiles_for_sm90a_with_wgmma_and_tma(tmp_path):
         assert "mma.sync" not in text, "must not fall back to warp-level MMA"
         mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.f32\.(\w+)\.\w+ \{[^}]*\}, (\S)", text)
         # S = Q K^T: 192 / 16 = 12 k-steps, both operands from smem descriptors; O += P V: 128 / 16
-        # = 8 k-steps, P from registers (A in braces), V MN-major (the transpose-B bit)
+        # = 8 k-steps, P from registers (A in braces), V MN-major (the transpose-B bit). Pipelined
+        # by one tile: S twice (tile 0, the loop), P V twice (the loop, the last tile)
         assert {(s, t) for s, t, _ in mmas} == {("m64n128k16", ty)}, (p, set(mmas))
-        assert sum(1 for *_, a in mmas if a == "%") == 192 // 16 and sum(1 for *_, a in mmas if a == "{") == 8, p
-        assert len(re.findall(r"wgmma[^;]*\{[^}]*\}, \{[^}]*\}, %rd\d+, p, 1,  1, 1;", text)) == 8, p
+        assert sum(1 for *_, a in mmas if a == "%") == 2 * 192 // 16, p
+        assert sum(1 for *_, a in mmas if a == "{") == 2 * 8, p
+        assert len(re.findall(r"wgmma[^;]*\{[^}]*\}, \{[^}]*\}, %rd\d+, p, 1,  1, 1;", text)) == 2 * 8, p
+        # the loop waits for S with P V still in flight, then for P V
+        waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+);", text)
+        assert sorted(waits) == ["0", "0", "0", "1"], (p, waits)
         # TMA from one producer warp: Q 3 boxes, K 3, V 2 (128 rows x 64 columns), 3-d views with
         # the head outermost; nothing by cp.async; every load on an mbarrier
         boxes = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d\.", text)

@@ -20,7 +20,10 @@ Grid and work split
 - Per kv tile each math warpgroup computes S = Q K^T (SS wgmma m64 n128, 12 k16 steps, Q and K
   K-major in smem), the online softmax in the log2 domain, and O += P V (RS wgmma m64 n128, 8 k16
   steps: P from registers, V read MN-major from the same smem bytes the K-major TMA wrote, as in
-  the decode kernels). No intra-warpgroup pipelining: the two warpgroups overlap each other.
+  the decode kernels). Software-pipelined by one tile inside a warpgroup (FlashAttention-3's
+  intra-warpgroup overlap): S_j and P_{j-1} V_{j-1} are issued back to back, the softmax of S_j
+  runs while P_{j-1} V_{j-1} is on the tensor cores, and O is rescaled once it has completed;
+  the two warpgroups also overlap each other.
 - Causal skipping: a query tile loops over kv tiles 0 .. ceil(min(kv_len, q_pos0 + 128) / 128)
   - 1 only (q_pos0 = prefix + the tile's first query index); tiles from n_full = (q_pos0 + 1) //
   128 on hold positions some row must not see and take the mask: score -> -inf where kv
@@ -32,20 +35,28 @@ Grid and work split
   = exp2(-inf - m) = 0; every row sees kv position 0 in tile 0, which is processed first, so
   every row's sum is >= 1 at the end (no division by zero, lse finite).
 
-Ordering (who waits on which mbarrier, with which phase); tile j uses stage s = j % 2, and is
-that stage's k-th fill, k = j // 2.
+Ordering (who waits on which mbarrier, with which phase); tile j uses stage s = j % 2 of the K
+ring and of the V ring, and is that stage's k-th fill, k = j // 2.
 - ``q_full`` (count 1): the producer's lane 0 arms it with Q's bytes, then the whole producer
   warp issues Q's boxes (a DSL TMA copy elects one lane with elect.sync over the full warp: under
   ``if lane == 0`` it would hang). Math warpgroups wait phase 0 once.
-- ``full[s]`` (count 1): before fill k of stage s the producer's lane 0 arms it with K + V bytes,
-  ``sync_warp``, then the warp issues the five boxes on it. Math warpgroups wait parity k % 2
-  before tile j's S. It cannot run two phases ahead: fill k + 1 waits on ``empty[s]`` phase k,
-  which needs these warpgroups' arrivals for tile j.
-- ``empty[s]`` (count 8: one arrival per math warp): after tile j's P V has completed
-  (``wgmma.wait_group 0``, which covers the S MMA too), lane 0 of every math warp arrives.
-  The producer, before fill k >= 1 of stage s (tile j >= 2), waits parity (k - 1) % 2: both
-  warpgroups' MMAs have finished reading tile j - 2's K and V. Every warp arrives (not one
-  thread per warpgroup) because wgmma.wait_group speaks for the executing warp only.
+- ``k_full[s]`` / ``v_full[s]`` (count 1 each): before fill k of the stage the producer's lane 0
+  arms it with K's (V's) bytes, ``sync_warp``, then the warp issues K's three (V's two) boxes on
+  it. Math warpgroups wait parity k % 2: on ``k_full`` before S_j, on ``v_full`` before
+  P_j V_j (issued in iteration j + 1, or after the loop for the last tile). Neither runs two
+  phases ahead: fill k + 1 waits on the matching ``empty`` phase k, which needs these
+  warpgroups' arrivals for tile j.
+- ``k_empty[s]`` (count 8: one arrival per math warp): once S_j has completed
+  (``wgmma.wait_group 1`` with P_{j-1} V_{j-1} the one group allowed in flight; S_j was
+  committed first), lane 0 of every math warp arrives. ``v_empty[s]`` (count 8): after P_j V_j
+  has completed (``wait_group 0`` in iteration j + 1). The producer, before fill k >= 1 of a
+  stage (tile j >= 2), waits parity (k - 1) % 2 on the matching one. K is freed a tile earlier
+  than V, so K_{j+1}'s load is in flight while P_{j-1} V_{j-1} still holds its V stage. Every
+  warp arrives (not one thread per warpgroup) because wgmma.wait_group speaks for the executing
+  warp only. The producer issues K_j before V_j; V_j waits for P_{j-2} V_{j-2}, which the math
+  warpgroups issue with S_{j-1}, whose K was loaded before: no wait cycle.
+- ``P`` and ``O``: P_{j-1} is read by its RS wgmma from registers until ``wait_group 0``; only
+  then are O rescaled by tile j's factor and P_j written (a ``wgmma.fence`` precedes each issue).
 - The mbarriers are initialised by the producer's lane 0 and made visible (``fence.mbarrier_init``
   + the CTA barrier) before any other thread touches them; every TMA load is waited for by the
   math warpgroups before the CTA exits, so nothing is in flight at exit.
@@ -100,8 +111,10 @@ class MlaPrefillSm90:
 
         @cute.struct
         class SharedStorage:
-            full: cute.struct.MemRange[cutlass.Int64, STAGES]  # "K and V of the stage landed"
-            empty: cute.struct.MemRange[cutlass.Int64, STAGES]  # "every math warp is done with it"
+            k_full: cute.struct.MemRange[cutlass.Int64, STAGES]  # "K of the stage landed"
+            v_full: cute.struct.MemRange[cutlass.Int64, STAGES]  # "V of the stage landed"
+            k_empty: cute.struct.MemRange[cutlass.Int64, STAGES]  # "every math warp's S read it"
+            v_empty: cute.struct.MemRange[cutlass.Int64, STAGES]  # "every math warp's P V read it"
             q_full: cute.struct.MemRange[cutlass.Int64, 1]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
@@ -186,8 +199,8 @@ class MlaPrefillSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sVt = cute.make_tensor(sV.iterator, sVt_layout.outer)  # the same bytes, read MN-major
-        full = storage.full.data_ptr()
-        empty = storage.empty.data_ptr()
+        bars = (storage.k_full.data_ptr(), storage.v_full.data_ptr(), storage.k_empty.data_ptr(),
+                storage.v_empty.data_ptr())
         q_full = storage.q_full.data_ptr()
 
         # a tile past its request's end (an empty request, or the spare tile numbers) exits here:
@@ -203,8 +216,10 @@ class MlaPrefillSm90:
                 cpasync.prefetch_descriptor(tma_atom_v)
                 if lane == 0:
                     for s in cutlass.range_constexpr(STAGES):
-                        cute.arch.mbarrier_init(full + s, 1)
-                        cute.arch.mbarrier_init(empty + s, MATH_THREADS // 32)
+                        cute.arch.mbarrier_init(bars[0] + s, 1)
+                        cute.arch.mbarrier_init(bars[1] + s, 1)
+                        cute.arch.mbarrier_init(bars[2] + s, MATH_THREADS // 32)
+                        cute.arch.mbarrier_init(bars[3] + s, MATH_THREADS // 32)
                     cute.arch.mbarrier_init(q_full, 1)
                     cute.arch.mbarrier_init_fence()
                     cute.arch.mbarrier_arrive_and_expect_tx(q_full, BLOCK_M * self.D * self.dtype.width // 8)
@@ -215,33 +230,42 @@ class MlaPrefillSm90:
             if tidx >= MATH_THREADS:
                 cute.arch.setmaxregister_decrease(PRODUCER_REGS)
                 if warp == PRODUCER_WARP:
-                    self.produce(tma_atom_k, tma_k, tma_atom_v, tma_v, sK, sV, kv_start, h, n_tiles, full,
-                                 empty, lane)
+                    self.produce(tma_atom_k, tma_k, tma_atom_v, tma_v, sK, sV, kv_start, h, n_tiles, bars, lane)
             else:
                 cute.arch.setmaxregister_increase(MATH_REGS)
-                self.consume(sQ, sK, sVt, mma_qk, mma_pv, full, empty, q_full, mOut, mLse, scale_log2,
+                self.consume(sQ, sK, sVt, mma_qk, mma_pv, bars, q_full, mOut, mLse, scale_log2,
                              q_start, q_len, q_row0, prefix, kv_len, n_tiles, n_full, h, tidx)
 
     @cute.jit
-    def produce(self, tma_atom_k, tma_k, tma_atom_v, tma_v, sK, sV, kv_start, h, n_tiles, full, empty, lane):
+    def produce(self, tma_atom_k, tma_k, tma_atom_v, tma_v, sK, sV, kv_start, h, n_tiles, bars, lane):
         """The producer warp: K and V of kv tiles 0 .. n_tiles - 1 of the request, in the order
-        the math warpgroups use them, each into stage j % 2 once that stage is free."""
+        the math warpgroups use them, each into stage j % 2 once that stage's K (V) is free. K and
+        V are freed separately: tile j's K after S_j, its V only after P_j V_j, which the math
+        warpgroups issue one tile later (see the module docstring)."""
+        k_full, v_full, k_empty, v_empty = bars
         for j in cutlass.range(n_tiles, unroll=1):
             s = j % STAGES
-            if j >= STAGES:
-                cute.arch.mbarrier_wait(empty + s, (j // STAGES - 1) % 2)
-            if lane == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(
-                    full + s, BLOCK_N * (self.D + self.Dv) * self.dtype.width // 8)
-            cute.arch.sync_warp()
             row0 = kv_start + j * BLOCK_N
-            self.issue_tile(tma_atom_k, tma_k, sK[None, None, s], row0, h, full + s)
-            self.issue_tile(tma_atom_v, tma_v, sV[None, None, s], row0, h, full + s)
+            for full, empty, bytes_, tma_atom, tma_t, sT in (
+                    (k_full, k_empty, BLOCK_N * self.D * self.dtype.width // 8, tma_atom_k, tma_k, sK),
+                    (v_full, v_empty, BLOCK_N * self.Dv * self.dtype.width // 8, tma_atom_v, tma_v, sV)):
+                if j >= STAGES:
+                    cute.arch.mbarrier_wait(empty + s, (j // STAGES - 1) % 2)
+                if lane == 0:
+                    cute.arch.mbarrier_arrive_and_expect_tx(full + s, bytes_)
+                cute.arch.sync_warp()
+                self.issue_tile(tma_atom, tma_t, sT[None, None, s], row0, h, full + s)
 
     @cute.jit
-    def consume(self, sQ, sK, sVt, mma_qk, mma_pv, full, empty, q_full, mOut, mLse, scale_log2, q_start, q_len,
+    def consume(self, sQ, sK, sVt, mma_qk, mma_pv, bars, q_full, mOut, mLse, scale_log2, q_start, q_len,
                 q_row0, prefix, kv_len, n_tiles, n_full, h, tidx):
-        """A math warpgroup: 64 query rows against every kv tile, then its rows of out and lse."""
+        """A math warpgroup: 64 query rows against every kv tile, then its rows of out and lse.
+
+        Software-pipelined by one tile (FlashAttention-3's intra-warpgroup overlap): S_j and
+        P_{j-1} V_{j-1} are issued together, and the softmax of S_j runs on the CUDA cores while
+        P_{j-1} V_{j-1} is on the tensor cores; O is rescaled by tile j's factor once that P V has
+        completed. P_{j-1} waits in registers (bf16), so one S accumulator suffices."""
+        k_full, v_full, k_empty, v_empty = bars
         wg = tidx // 128
         wg_tidx = tidx % 128
         lane = tidx % 32
@@ -271,57 +295,86 @@ class MlaPrefillSm90:
             row_max[r] = MAX_INIT
             row_sum[r] = 0.0
 
+        factor = cute.make_rmem_tensor((2,), cutlass.Float32)
         cute.arch.mbarrier_wait(q_full, 0)
-        for j in cutlass.range(n_tiles, unroll=1):
+        # tile 0: S_0 and its softmax (O is still zero: nothing to rescale)
+        cute.arch.mbarrier_wait(k_full, 0)  # TMA writes: no proxy fence
+        self.issue_s(mma_qk, acc_S, tSrQ, tSrK, 0)
+        warpgroup.wait_group(0)
+        if lane == 0:  # this warp's reads of K_0 are done (see the module docstring)
+            cute.arch.mbarrier_arrive(k_empty)
+        self.softmax(acc_S_mn, tScS_mn, 0, n_full, limit, row_max, row_sum, factor, scale_log2)
+        rP.store(acc_S.load().to(self.dtype))
+        for j in cutlass.range(1, n_tiles, unroll=1):
             s = j % STAGES
-            cute.arch.mbarrier_wait(full + s, (j // STAGES) % 2)  # TMA writes: no proxy fence
-            # S = Q K^T
-            warpgroup.fence()
-            atom = cute.make_mma_atom(mma_qk.op)
-            atom.set(warpgroup.Field.ACCUMULATE, False)
-            for k in cutlass.range_constexpr(self.D // 16):
-                cute.gemm(atom, acc_S, tSrQ[None, None, k], tSrK[None, None, k, s], acc_S)
-                atom.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-
-            # scores -> log2 units; the mask only on tiles that cross a row's last position
-            if j >= n_full:
-                for r in cutlass.range_constexpr(2):
-                    for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
-                        if j * BLOCK_N + tScS_mn[0, c][1] > limit[r]:
-                            acc_S_mn[r, c] = -cutlass.Float32.inf
-                        else:
-                            acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
-            else:
-                for r in cutlass.range_constexpr(2):
-                    acc_S_mn[r, None] = acc_S_mn[r, None].load() * scale_log2
-
-            # online softmax: a row's max over the 4 lanes of its quad
+            sp = (j - 1) % STAGES
+            cute.arch.mbarrier_wait(k_full + s, (j // STAGES) % 2)
+            self.issue_s(mma_qk, acc_S, tSrQ, tSrK, s)
+            cute.arch.mbarrier_wait(v_full + sp, ((j - 1) // STAGES) % 2)
+            self.issue_pv(mma_pv, acc_O, tOrP, tOrV, sp)
+            warpgroup.wait_group(1)  # S_j (the older group) is done; P_{j-1} V_{j-1} may run on
+            if lane == 0:
+                cute.arch.mbarrier_arrive(k_empty + s)
+            self.softmax(acc_S_mn, tScS_mn, j, n_full, limit, row_max, row_sum, factor, scale_log2)
+            warpgroup.wait_group(0)  # P_{j-1} V_{j-1} is done: O may be rescaled, V_{j-1} freed, P reused
+            if lane == 0:
+                cute.arch.mbarrier_arrive(v_empty + sp)
             for r in cutlass.range_constexpr(2):
-                tile_max = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0),
-                                   QUAD)
-                m_new = cute.arch.fmax(row_max[r], tile_max)
-                factor = cute.math.exp2(row_max[r] - m_new, fastmath=True)
-                row_max[r] = m_new
-                acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new, fastmath=True)
-                row_sum[r] = row_sum[r] * factor + acc_S_mn[r, None].load().reduce(
-                    cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
-                acc_O_mn[r, None] = acc_O_mn[r, None].load() * factor
-
-            # O += P V, P from registers
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * factor[r]
             rP.store(acc_S.load().to(self.dtype))
-            warpgroup.fence()
-            atom_pv = cute.make_mma_atom(mma_pv.op)
-            atom_pv.set(warpgroup.Field.ACCUMULATE, True)
-            for k in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
-                cute.gemm(atom_pv, acc_O, tOrP[None, None, k], tOrV[None, None, k, s], acc_O)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            if lane == 0:  # this warp's reads of stage s are done (see the module docstring)
-                cute.arch.mbarrier_arrive(empty + s)
+        # the last tile's P V
+        sl = (n_tiles - 1) % STAGES
+        cute.arch.mbarrier_wait(v_full + sl, ((n_tiles - 1) // STAGES) % 2)
+        self.issue_pv(mma_pv, acc_O, tOrP, tOrV, sl)
+        warpgroup.wait_group(0)
 
         self.store_rows(acc_O_mn, thr_pv, row_max, row_sum, qi, q_start, q_len, mOut, mLse, h, lane)
+
+    @cute.jit
+    def issue_s(self, mma_qk, acc_S, tSrQ, tSrK, s):
+        """S = Q K^T over stage ``s``'s K (12 k16 steps), one commit group."""
+        warpgroup.fence()  # orders this thread's register writes (acc_O's rescale, P) before the MMAs
+        atom = cute.make_mma_atom(mma_qk.op)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
+        for k in cutlass.range_constexpr(self.D // 16):
+            cute.gemm(atom, acc_S, tSrQ[None, None, k], tSrK[None, None, k, s], acc_S)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def issue_pv(self, mma_pv, acc_O, tOrP, tOrV, s):
+        """O += P V over stage ``s``'s V, P from registers, one commit group."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(mma_pv.op)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+        for k in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
+            cute.gemm(atom, acc_O, tOrP[None, None, k], tOrV[None, None, k, s], acc_O)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def softmax(self, acc_S_mn, tScS_mn, j, n_full, limit, row_max, row_sum, factor, scale_log2):
+        """Tile j's scores -> exp2(score - running max) in place (log2 units; the mask only on
+        tiles that cross a row's last position); updates the running max and this thread's part
+        of the row sums, and leaves in ``factor`` what O must be rescaled by."""
+        if j >= n_full:
+            for r in cutlass.range_constexpr(2):
+                for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
+                    if j * BLOCK_N + tScS_mn[0, c][1] > limit[r]:
+                        acc_S_mn[r, c] = -cutlass.Float32.inf
+                    else:
+                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
+        else:
+            for r in cutlass.range_constexpr(2):
+                acc_S_mn[r, None] = acc_S_mn[r, None].load() * scale_log2
+        # a row's max over the 4 lanes of its quad
+        for r in cutlass.range_constexpr(2):
+            tile_max = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0), QUAD)
+            m_new = cute.arch.fmax(row_max[r], tile_max)
+            factor[r] = cute.math.exp2(row_max[r] - m_new, fastmath=True)
+            row_max[r] = m_new
+            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new, fastmath=True)
+            row_sum[r] = row_sum[r] * factor[r] + acc_S_mn[r, None].load().reduce(
+                cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
 
     @cute.jit
     def store_rows(self, acc_O_mn, thr_pv, row_max, row_sum, qi, q_start, q_len, mOut, mLse, h, lane):
