@@ -45,7 +45,7 @@ def _sig(**case):
 
 def test_registered_above_triton_on_sm90_once_measured():
     # passed the conformance kit on an H200 and beat Triton on every measured row (docs/perf/cute.md,
-    # run P1): SPECIALISED, and unavailable only for a missing dependency
+    # runs P1-P2): SPECIALISED, and unavailable only for a missing dependency
     reg = _registry()
     impl = reg.backend("mla_prefill", "cute")
     assert impl.capability == ((9, 0), (9, 0)) and "conformance passed on an H200" in impl.status

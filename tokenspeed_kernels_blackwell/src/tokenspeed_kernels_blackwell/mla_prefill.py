@@ -2,10 +2,10 @@
 
 The kernel (:mod:`.mla_prefill_kernel_sm90`, FlashAttention-3 style: TMA producer warp, two wgmma
 warpgroups) is imported only when it is compiled, so this module imports without
-nvidia-cutlass-dsl. Status: on an H200 (docs/perf/cute.md, run P1) it passed the conformance
-kit's full grid and bench/gpu_cute_prefill.py's float64 checks, and ran 1.05-1.33x faster than
-the Triton kernel on every timed row (0.99-1.08x cuDNN's time on the long rows, 1.46x at
-8 x 1K), so it is registered SPECIALISED on sm_90a.
+nvidia-cutlass-dsl. Status: on an H200 (docs/perf/cute.md, runs P1-P2) it passed the
+conformance kit's full grid and bench/gpu_cute_prefill.py's float64 checks, and ran 1.14-1.70x
+faster than the Triton kernel on every timed row (0.89-0.93x cuDNN's time on the long dense
+rows, 1.3-1.4x at 8 x 1K), so it is registered SPECIALISED on sm_90a.
 
 Shape class = (arch, dtype, H): T, T_kv and the batch are run-time sizes of one compiled kernel.
 The launch needs no host sync: the grid (``T // 128 + B`` query tiles x H heads) comes from
@@ -30,7 +30,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEADS = 65535  # grid y
 ALIGN = 16  # bytes: TMA boxes need 16-byte aligned base addresses and row strides
 VARIANT = "fa3_sm90"
-STATUS = "sm_90a: conformance passed on an H200; faster than Triton on every measured row (run P1)"
+STATUS = "sm_90a: conformance passed on an H200; faster than Triton on every measured row (runs P1-P2)"
 
 
 def supports(sig) -> str | None:

@@ -30,5 +30,5 @@ def tokenspeed_register_kernels(registry: Registry) -> None:
         mla_decode.register(registry, BACKEND, Priority.PORTABLE - 10, preferred=Priority.SPECIALISED)
     if mla_prefill.OP in registry.specs:
         # passed the conformance kit on an H200 and beat the Triton kernel on all 8 measured rows
-        # (1.05-1.33x; docs/perf/cute.md, run P1): SPECIALISED wherever it runs (sm_90a)
+        # (1.14-1.70x; docs/perf/cute.md, runs P1-P2): SPECIALISED wherever it runs (sm_90a)
         mla_prefill.register(registry, BACKEND, Priority.SPECIALISED)
