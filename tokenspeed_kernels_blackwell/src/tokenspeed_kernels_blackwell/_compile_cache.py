@@ -285,6 +285,30 @@ def load_or_compile(key: CacheKey, compile_fn: Callable[[], Any]) -> Any:
         return compiled
 
 
+class KernelMemo:
+    """One op's compiled kernels in this process, in front of the disk cache: a kernel is looked
+    up without a lock once it is there, and compiled (or loaded) once however many threads ask."""
+
+    def __init__(self) -> None:
+        self._fns: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, disk_key: Callable[[], CacheKey], compile_fn: Callable[[], Any]) -> Any:
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn
+        with self._lock:
+            fn = self._fns.get(key)
+            if fn is None:
+                fn = self._fns[key] = load_or_compile(disk_key(), compile_fn)
+        return fn
+
+    def clear(self) -> None:
+        """Forget this process's kernels (the disk cache stays): the next ``get`` loads or compiles."""
+        with self._lock:
+            self._fns.clear()
+
+
 def _warn(msg: str) -> None:
     log.warning(msg)
     warnings.warn(msg, CacheWarning, stacklevel=3)
@@ -364,5 +388,5 @@ def _unlink(path: str) -> None:
         pass
 
 
-__all__ = ["CacheKey", "CacheWarning", "Stats", "cache_dir", "clear", "enabled", "library_versions",
+__all__ = ["CacheKey", "CacheWarning", "KernelMemo", "Stats", "cache_dir", "clear", "enabled", "library_versions",
            "load_or_compile", "make_key", "prune", "source_hash", "stats"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import threading
 
 import torch
 
@@ -135,8 +134,7 @@ def resolve_variant(arch: str, variant: str | None) -> str:
     return variant
 
 
-_compiled: dict[tuple, object] = {}
-_compile_lock = threading.Lock()
+_compiled = _compile_cache.KernelMemo()
 
 
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, page_size: int,
@@ -153,16 +151,9 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int, q_len: int, pa
     if kv_dtype == FP8 and variant not in FP8_VARIANTS:
         raise ValueError(f"variant {variant} has no fp8 cache path (one of {FP8_VARIANTS})")
     key = (arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant, kv_dtype)
-    fn = _compiled.get(key)
-    if fn is not None:
-        return fn
-    with _compile_lock:
-        fn = _compiled.get(key)
-        if fn is None:
-            # on disk: the shape class is the key less arch and variant, which are keyed apart
-            disk_key = _compile_cache.make_key(arch, variant, key[1:7] + key[8:])
-            fn = _compiled[key] = _compile_cache.load_or_compile(disk_key, lambda: _compile(*key))
-    return fn
+    # on disk: the shape class is the key less arch and variant, which are keyed apart
+    return _compiled.get(key, lambda: _compile_cache.make_key(arch, variant, key[1:7] + key[8:]),
+                         lambda: _compile(*key))
 
 
 def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, variant, kv_dtype):

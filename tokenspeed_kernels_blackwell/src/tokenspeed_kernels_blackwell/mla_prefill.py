@@ -16,7 +16,6 @@ except the aligned copies of a misaligned output).
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
@@ -71,8 +70,7 @@ def check_tensors(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse) -> None:
             raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
 
 
-_compiled: dict[tuple, object] = {}
-_compile_lock = threading.Lock()
+_compiled = _compile_cache.KernelMemo()
 
 
 def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int):
@@ -84,15 +82,8 @@ def compile_kernel(arch: str, dtype: torch.dtype, num_heads: int):
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype} not supported (bf16 or fp16)")
     key = (arch, dtype, num_heads)
-    fn = _compiled.get(key)
-    if fn is not None:
-        return fn
-    with _compile_lock:
-        fn = _compiled.get(key)
-        if fn is None:
-            disk_key = _compile_cache.make_key(arch, VARIANT, (OP, dtype, num_heads, HEAD_DIM, HEAD_DIM_V))
-            fn = _compiled[key] = _compile_cache.load_or_compile(disk_key, lambda: _compile(*key))
-    return fn
+    shape_class = (OP, dtype, num_heads, HEAD_DIM, HEAD_DIM_V)
+    return _compiled.get(key, lambda: _compile_cache.make_key(arch, VARIANT, shape_class), lambda: _compile(*key))
 
 
 def _compile(arch, dtype, num_heads):
