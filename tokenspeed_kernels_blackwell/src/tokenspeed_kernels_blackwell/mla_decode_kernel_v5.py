@@ -28,6 +28,10 @@ docs/cute.md ("v5") and docs/perf/cute.md (runs 9-41).
   second PV, the rest after WG0's. The freeing warpgroup arms and signals without blocking; the
   producer waits for the signal and issues the group. The next S is computed in the order the
   columns were freed (WG0: columns 0-255 first; WG1: 256-511 first).
+- S reads Q's rope chunk (columns 512-575) from registers (an RS wgmma for its 4 k-steps, loaded
+  by ldmatrix once Q has landed), the other 8 chunks from smem: an SS m64 n64 k16 wgmma reads
+  4 KB of operands per 32 clocks, the SM's shared-memory bandwidth at the tensor rate, and the
+  long compute-bound rows are power-capped, so fewer smem reads pay (0.4-0.9%, run 46).
 - A pair of m-blocks: m-blocks 2k and 2k + 1 of a request (H x q_len >= 128 rows) read the same
   KV tiles, so they run as a 2-CTA cluster: CTA j of the pair issues the groups j of a slot once
   both CTAs have freed them (each signals the other's "freed" mbarrier), multicast into both
