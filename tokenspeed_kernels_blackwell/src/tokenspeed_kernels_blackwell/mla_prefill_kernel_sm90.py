@@ -1,8 +1,8 @@
 """CuTe DSL ``mla_prefill`` for sm_90a: ragged causal extend attention, FlashAttention-3 style.
 
 Checked and measured on an H200 (docs/cute.md, "mla_prefill (sm_90a)"; docs/perf/cute.md runs
-P1-P3). Imports
-cutlass at module level: only :mod:`.mla_prefill` imports it, once the DSL is known to be there.
+P1-P2). Imports cutlass at module level: only :mod:`.mla_prefill` imports it, once the DSL is
+known to be there.
 The op's meaning is tokenspeed_core/ops/mla_prefill.py; dims Dqk = 192, Dv = 128, 16-bit.
 
 Grid and work split
