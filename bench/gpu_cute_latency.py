@@ -65,8 +65,6 @@ def host_us(fn, n=300):
 def host_overheads(reg, device):
     """Where an eager decode call's host time goes: the op API (validation + selection), the CuTe
     launcher, and the bare TVM-FFI call of the compiled kernel with prepared arguments."""
-    from tokenspeed_kernels_blackwell.mla_decode_kernel import softmax_scale_log2
-
     from tokenspeed_kernels_blackwell import mla_decode as cm
 
     case = dict(B=1, q_len=1, H=16, seqlen=64, page_size=64, dtype=torch.bfloat16)
@@ -78,7 +76,7 @@ def host_overheads(reg, device):
     o_part, lse_part = cm.partial_buffers(1, splits, m, 512, a["q"].dtype, device, variant)
     args = (a["q"].view(1, m, 576), a["kv_cache"].view(-1, 576), a["page_table"], a["cache_seqlens"], o_part,
             lse_part, a["out"].view(1, m, 512), a["lse"].view(1, m),
-            softmax_scale_log2(a["softmax_scale"], 1.0), 1.0)
+            cm.positive_scale_log2(a["q"], a["softmax_scale"])[1], 1.0)
     res["tvm-ffi call"] = host_us(lambda: fn(*args))
     res["partial buffers"] = host_us(lambda: cm.partial_buffers(1, splits, m, 512, a["q"].dtype, device, variant))
     return res

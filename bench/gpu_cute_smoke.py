@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from tokenspeed_core.ops.mla_decode import reference  # noqa: E402
 
 
-def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, gen=None, fp8=False):
+def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, gen=None, fp8=False,
+             scale=1.0 / math.sqrt(192)):
     dev = "cuda"
     pages = max(1, max(-(-n // ps) for n in lens))
     num_pages = B * pages + 2
@@ -42,7 +43,6 @@ def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, ge
     seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
     out = torch.full((B, Q, H, 512), float("nan"), device=dev, dtype=dtype)
     lse = torch.full((B, Q, H), float("nan"), device=dev, dtype=torch.float32)
-    scale = 1.0 / math.sqrt(192)
     md.mla_decode(q, cache, table, seqlens, out, lse, scale, 512, kv_scale, variant=variant,
                   num_kv_splits=splits)
     torch.cuda.synchronize()
@@ -64,7 +64,8 @@ def main():
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    cases = [  # (B, Q, H, lens, splits[, fp8 cache]); one split: out and lse written by the split kernel
+    # (B, Q, H, lens, splits[, fp8 cache[, softmax scale]]); one split: out and lse written by the split kernel
+    cases = [
         (1, 1, 128, [1], 1),
         (1, 1, 128, [64], 1),
         (1, 1, 128, [65], 1),
@@ -95,13 +96,18 @@ def main():
         (3, 5, 16, [2100, 64, 9], 1),
         (2, 1, 64, [300, 2048], 1),
         (2, 4, 16, [129, 1000], 3, True),  # fp8 (64 rows: v3), partials staged through smem
+        (2, 4, 16, [333, 4000], 5, False, -0.07),  # a negative scale: the launcher negates q
+        (2, 4, 32, [4000, 81], 1, False, 0.0),  # zero: uniform weights beside masked scores
+        (2, 1, 16, [65, 3000], 4, False, -0.07),  # v4
     ]
     t0 = time.time()
     fails = 0
-    for B, Q, H, lens, splits, *fp8 in cases:
-        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen, fp8=bool(fp8))
+    for B, Q, H, lens, splits, *extra in cases:
+        fp8 = bool(extra and extra[0])
+        scale = extra[1] if len(extra) > 1 else 1.0 / math.sqrt(192)
+        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen, fp8=fp8, scale=scale)
         fails += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits} fp8={bool(fp8)}: "
+        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits} fp8={fp8} scale={scale:.3g}: "
               f"max|dO|={eo:.2e} max|dLSE|={el:.2e}", flush=True)
     print(f"smoke {args.variant}: {len(cases) - fails}/{len(cases)} ok in {time.time() - t0:.1f}s")
     sys.exit(1 if fails else 0)

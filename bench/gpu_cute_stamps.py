@@ -84,7 +84,7 @@ def probed_launcher(a, stamp_addr: int):
     o_part, lse_part = cm.partial_buffers(batch, splits, m, 512, q.dtype, q.device, variant)
     args = (q.view(batch, m, d), kv.view(-1, d), a["page_table"], a["cache_seqlens"], o_part, lse_part,
             a["out"].view(batch, m, 512), a["lse"].view(batch, m),
-            mk.softmax_scale_log2(a["softmax_scale"], 1.0), 1.0)
+            cm.positive_scale_log2(q, a["softmax_scale"])[1], 1.0)
     return (lambda: fn(*args)), splits
 
 

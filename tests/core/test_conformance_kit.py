@@ -80,3 +80,19 @@ def test_unavailable_backends_are_listed_not_failed_but_cannot_pass_alone():
     with reg.registering_as("q"):
         reg.register("kv_cache_write", kvw.reference, backend="q_later", unavailable="needs hardware X")
     assert not check_plugin("q", registry=reg, size="small", device="cpu").ok
+
+
+def test_attention_grids_catch_a_kernel_that_assumes_a_positive_scale():
+    """The attention ops' grids hold a negative and a zero scale: a kernel that takes the row max
+    before scaling without handling the sign (here: the reference with |scale|, and with the
+    scale's zero replaced by 1) fails there and nowhere else."""
+    from tokenspeed_core.ops import mla_decode as dec
+    from tokenspeed_core.ops import mla_prefill as pre
+
+    for spec, name in ((dec, "mla_decode"), (pre, "mla_prefill")):
+        def sign_blind(*args, softmax_scale, _ref=spec.reference, **kw):
+            return _ref(*args, softmax_scale=abs(softmax_scale) or 1.0, **kw)
+
+        rep = _check(_registry_with(sign_blind, "sign_blind", op=name), "sign_blind", op=name)
+        failed = [r.label for r in rep.results if r.status != "pass"]
+        assert failed and all("scale=" in c for c in failed), rep.format()

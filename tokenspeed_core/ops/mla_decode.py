@@ -130,6 +130,10 @@ def grid(size: str) -> list[dict]:
             dict(B=2, q_len=3, H=16, page_size=32, seqlens=[100, 33], dtype=torch.bfloat16,
                  cache_dtype=torch.float8_e4m3fn),
             dict(B=0, q_len=1, H=16, page_size=16, seqlens=[], dtype=torch.bfloat16),
+            # the scale's sign is part of the meaning: a kernel that takes the max before scaling
+            # must handle a negative scale, and zero (uniform weights) next to masked scores
+            dict(B=2, q_len=2, H=16, page_size=16, seqlens=[40, 3], dtype=torch.float32, softmax_scale=-0.3),
+            dict(B=2, q_len=2, H=16, page_size=16, seqlens=[40, 3], dtype=torch.float32, softmax_scale=0.0),
         ]
     else:
         for dtype in (torch.bfloat16, torch.float16):
@@ -145,6 +149,9 @@ def grid(size: str) -> list[dict]:
                 dict(B=3, q_len=3, H=32, page_size=64, seqlen=1500, dtype=dtype),
                 dict(B=2, q_len=5, H=16, page_size=128, seqlen=2100, dtype=dtype),
                 dict(B=64, q_len=1, H=16, page_size=64, seqlens=[1] * 63 + [4096], dtype=dtype),
+                # a negative and a zero scale, at 64 folded rows with causal masking among the queries
+                dict(B=3, q_len=4, H=16, page_size=64, seqlen=1500, dtype=dtype, softmax_scale=-0.07),
+                dict(B=3, q_len=4, H=16, page_size=64, seqlen=1500, dtype=dtype, softmax_scale=0.0),
             ]
         for q_len in (1, 4, 8):
             cases.append(dict(B=4, q_len=q_len, H=16, page_size=64, seqlen=2049, dtype=torch.bfloat16,
@@ -159,7 +166,8 @@ def _label(case) -> str:
 
     cd = case.get("cache_dtype")
     return (f"B={case['B']} q_len={case.get('q_len', 1)} H={case['H']} ps={case['page_size']} {s} "
-            f"{dtype_name(case['dtype'])}" + (f" cache={dtype_name(cd)}" if cd else ""))
+            f"{dtype_name(case['dtype'])}" + (f" cache={dtype_name(cd)}" if cd else "")
+            + (f" scale={case['softmax_scale']}" if "softmax_scale" in case else ""))
 
 
 def _anchor_rows() -> list[dict]:

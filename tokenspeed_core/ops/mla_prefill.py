@@ -139,6 +139,10 @@ def grid(size: str) -> list[dict]:
         cases += [
             dict(H=3, Dqk=24, Dv=24, q_lens=[17, 2, 0], prefixes=[20, 0, 5], dtype=torch.float32),
             dict(H=2, Dqk=48, Dv=32, q_lens=[], prefixes=[], dtype=torch.bfloat16),
+            # the scale's sign is part of the meaning (a kernel may take the max before scaling);
+            # zero gives uniform weights next to causally masked scores
+            dict(H=2, Dqk=48, Dv=32, q_lens=[9, 3], prefixes=[4, 0], dtype=torch.float32, softmax_scale=-0.3),
+            dict(H=2, Dqk=48, Dv=32, q_lens=[9, 3], prefixes=[4, 0], dtype=torch.float32, softmax_scale=0.0),
         ]
     else:
         for dtype in (torch.bfloat16, torch.float16):
@@ -149,6 +153,8 @@ def grid(size: str) -> list[dict]:
                 dict(B=1, H=16, q_len=1000, prefix=9000, dtype=dtype),
                 dict(B=4, H=16, q_len=1500, prefix=2500, ragged=True, dtype=dtype),
                 dict(B=2, H=128, q_len=513, prefix=700, ragged=True, dtype=dtype),
+                dict(B=2, H=16, q_len=300, prefix=129, ragged=True, dtype=dtype, softmax_scale=-0.05),
+                dict(B=2, H=16, q_len=300, prefix=129, ragged=True, dtype=dtype, softmax_scale=0.0),
             ]
         cases.append(dict(B=3, H=16, q_len=300, prefix=500, ragged=True, dtype=torch.float32))
     return cases
@@ -164,7 +170,7 @@ def _label(case) -> str:
         r = "<=" if case.get("ragged") else "="
         lens = f"B={case['B']} q{r}{case['q_len']} prefix{r}{case.get('prefix', 0)}"
     return (f"{lens} H={case['H']} D={case.get('Dqk', 192)}/{case.get('Dv', 128)} "
-            f"{dtype_name(case['dtype'])}")
+            f"{dtype_name(case['dtype'])}" + (f" scale={case['softmax_scale']}" if "softmax_scale" in case else ""))
 
 
 SPEC = OpSpec(

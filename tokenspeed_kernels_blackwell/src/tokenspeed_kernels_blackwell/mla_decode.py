@@ -339,6 +339,26 @@ def _misaligned(t) -> bool:
     return t.data_ptr() % ALIGN != 0
 
 
+LOG2_E = 1.4426950408889634
+SMALLEST_NORMAL_F32 = 1.1754943508222875e-38
+
+
+def positive_scale_log2(q: torch.Tensor, softmax_scale: float, kv_scale: float = 1.0):
+    """``(q', s)`` with q' . k x s == q . k x softmax_scale x kv_scale x log2(e) and s > 0, as the
+    see-saw decode kernel and the prefill kernel need it: they take a row's max over the raw
+    scores and scale inside the exponent's FFMA, exp2(score x s - max x s) (one instruction a
+    score instead of an FMUL and an FADD), which is right only for s > 0. The op allows any
+    scale: a negative one is moved into q (a copy; q . k x s = (-q) . k x |s|); zero (uniform
+    weights) becomes the smallest normal float, under which every scaled score rounds to 0 while
+    a masked score stays -inf (0 x -inf would be NaN)."""
+    s = float(softmax_scale) * float(kv_scale) * LOG2_E
+    if s < 0:
+        return -q, -s
+    if s == 0:
+        return q, SMALLEST_NORMAL_F32
+    return q, s
+
+
 def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, head_dim_v=HEAD_DIM_V,
                kv_scale=1.0, variant=None, num_kv_splits=None):
     """CuTe DSL MLA decode (split-KV + combine); writes ``out`` and ``lse``.
@@ -353,8 +373,6 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         raise ValueError(f"kv_cache: the CuTe kernels read it 16 bytes at a time, but its data pointer "
                          f"{kv_cache.data_ptr():#x} is not {ALIGN}-byte aligned (a view at an element offset?); "
                          f"pass an aligned cache or choose the triton backend")
-    from .mla_decode_kernel import softmax_scale_log2
-
     dev = q.device
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     fn, splits, m, resolved = _launch_plan(idx, q.dtype, batch, q_len, heads, d, kv_cache.dtype, kv_cache.shape[1],
@@ -363,7 +381,7 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
     out_c = out if out.is_contiguous() and not _misaligned(out) else torch.empty_like(
         out, memory_format=torch.contiguous_format)
     lse_c = lse if lse.is_contiguous() else torch.empty_like(lse, memory_format=torch.contiguous_format)
-    q_c = q.contiguous()
+    q_c, scale_log2 = positive_scale_log2(q.contiguous(), softmax_scale, kv_scale)
     if _misaligned(q_c):
         q_c = q_c.clone()
     fn(
@@ -375,7 +393,7 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
         lse_part,
         out_c.view(batch, m, head_dim_v),
         lse_c.view(batch, m),
-        softmax_scale_log2(softmax_scale, kv_scale),
+        scale_log2,
         float(kv_scale),
     )
     if out_c is not out:

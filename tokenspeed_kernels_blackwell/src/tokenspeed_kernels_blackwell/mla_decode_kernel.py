@@ -168,8 +168,4 @@ class MlaDecodeSplitKV(SplitKVCombine):
         return t_begin, cutlass.min(t_begin + per_split, n_tiles)
 
 
-def softmax_scale_log2(softmax_scale: float, kv_scale: float) -> float:
-    return float(softmax_scale) * float(kv_scale) * LOG2_E
-
-
-__all__ = ["BLOCK_M", "LN_2", "LOG2_E", "MlaDecodeSplitKV", "softmax_scale_log2"]
+__all__ = ["BLOCK_M", "LN_2", "LOG2_E", "MlaDecodeSplitKV"]

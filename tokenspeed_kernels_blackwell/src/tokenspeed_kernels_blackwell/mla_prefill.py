@@ -20,7 +20,7 @@ import os
 import torch
 
 from . import _compile_cache
-from .mla_decode import TARGETS, missing_dependency
+from .mla_decode import TARGETS, missing_dependency, positive_scale_log2
 
 OP = "mla_prefill"
 HEAD_DIM, HEAD_DIM_V = 192, 128  # = mla_prefill_kernel_sm90.HEAD_DIM(_V) (that module needs cutlass)
@@ -124,9 +124,6 @@ def _compile(arch, dtype, num_heads):
             os.environ["CUTE_DSL_ARCH"] = prev
 
 
-LOG2E = 1.4426950408889634
-
-
 def mla_prefill(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse, softmax_scale):
     """CuTe DSL ragged causal extend attention (sm_90a); writes ``out`` and ``lse``."""
     T, H, _ = q.shape
@@ -140,7 +137,8 @@ def mla_prefill(q, k, v, cu_seqlens_q, cu_seqlens_kv, out, lse, softmax_scale):
     fn = compile_kernel(arch, q.dtype, H)
     out_c = out if out.data_ptr() % ALIGN == 0 else torch.empty_like(out)
     # binary search over cu_seqlens_q: the largest b in [0, B - 1] in bit_length(B) + 1 halvings
-    fn(q, k, v, cu_seqlens_q, cu_seqlens_kv, out_c, lse, softmax_scale * LOG2E, batch.bit_length() + 1)
+    q, scale_log2 = positive_scale_log2(q, softmax_scale)
+    fn(q, k, v, cu_seqlens_q, cu_seqlens_kv, out_c, lse, scale_log2, batch.bit_length() + 1)
     if out_c is not out:
         out.copy_(out_c)
 
