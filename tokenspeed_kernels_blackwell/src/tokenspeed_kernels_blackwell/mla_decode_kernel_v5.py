@@ -247,47 +247,46 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             cute.arch.barrier(barrier_id=BAR_WG + wg, number_of_threads=128)
 
     @cute.jit
-    def mask_scale_max(self, acc_S_mn, tScS_mn, row_limit, pos0, n, scale_log2, tile_max):
-        """Scores -> log2 domain with the causal-by-position mask (-inf), and the row maxima.
-        Only a tile past the first query token's last position (n - q_len) holds masked
-        positions; the others are just scaled (a branch uniform over the CTA)."""
+    def mask_max(self, acc_S_mn, tScS_mn, row_limit, pos0, n, tile_max):
+        """The causal-by-position mask (-inf) and the row maxima of the raw scores: the scale is
+        applied in the exponent's FFMA (``softmax_rows``; the launcher makes it > 0). Only a tile
+        past the first query token's last position (n - q_len) holds masked positions (a branch
+        uniform over the CTA)."""
         if pos0 + self.block_n - 1 > n - self.Q:
             for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
                 for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
                     if pos0 + tScS_mn[0, c][1] > row_limit[r]:
                         acc_S_mn[r, c] = -cutlass.Float32.inf
-                    else:
-                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
-        else:
-            for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
-                acc_S_mn[r, None] = acc_S_mn[r, None].load() * scale_log2
         for r in cutlass.range_constexpr(cute.size(tScS_mn, mode=[0])):
             tile_max[r] = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0),
                                   QUAD)
 
     @cute.jit
-    def softmax_rows(self, acc_S_mn, tile_max, rows, sM, sScale, which: cutlass.Constexpr, lane):
-        """Online-softmax step of one warpgroup's S against the shared running max ``sM``:
-        m_new = max(sM, tile max), the factor for older values exp2(sM - m_new) goes to
-        ``sScale[:, which]`` and is returned per row; S becomes P = exp2(S - m_new)."""
+    def softmax_rows(self, acc_S_mn, tile_max, rows, sM, sScale, which: cutlass.Constexpr, lane, scale_log2):
+        """Online-softmax step of one warpgroup's S against the shared running max ``sM`` (log2
+        units): m_new = max(sM, tile max x scale), the factor for older values exp2(sM - m_new)
+        goes to ``sScale[:, which]`` and is returned per row; S becomes P = exp2(S x scale -
+        m_new), one FFMA and one MUFU a score."""
         factor = cute.make_rmem_tensor((2,), cutlass.Float32)
         m_new = cute.make_rmem_tensor((2,), cutlass.Float32)
         for r in cutlass.range_constexpr(2):
             m_old = sM[rows[r]]
-            m_new[r] = cute.arch.fmax(m_old, tile_max[r])
+            m_new[r] = cute.arch.fmax(m_old, tile_max[r] * scale_log2)
             factor[r] = cute.math.exp2(m_old - m_new[r], fastmath=True)
         cute.arch.sync_warp()  # every lane has read sM before the quad leader overwrites it
         for r in cutlass.range_constexpr(2):
             if lane % 4 == 0:
                 sM[rows[r]] = m_new[r]
                 sScale[rows[r], which] = factor[r]
-            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new[r], fastmath=True)
+            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() * scale_log2 - m_new[r], fastmath=True)
         return factor
 
     @cute.jit
     def scale_o(self, acc_O_mn, f0, f1):
         """O rows *= their factor (this thread's two rows); skipped by a warp none of whose rows
-        changed its max (after the first tiles, most steps: 128 multiplies saved)."""
+        changed its max (after the first tiles, most steps: 128 multiplies saved). Measured
+        (docs/perf/cute.md run 47): without the vote 0.5-2.7% slower here; in the prefill kernel,
+        where the rescale runs after its P V has completed, the same vote cost 2-5%."""
         if not cute.arch.vote_all_sync((f0 == 1.0) & (f1 == 1.0)):
             acc_O_mn[0, None] = acc_O_mn[0, None].load() * f0
             acc_O_mn[1, None] = acc_O_mn[1, None].load() * f1
@@ -488,8 +487,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                 if wg == 0:
                     # (a) softmax of S0 against the running max m1 of the last step -> m0; P0 (max m0)
                     # goes to smem at once, with m0 and the factor: WG1 starts O_R += P0 V0_R with it
-                    self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, scale_log2, tile_max)
-                    fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane)
+                    self.mask_max(acc_S_mn, tScS_mn, row_limit, t0 * BN, n, tile_max)
+                    fac0 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 0, lane, scale_log2)
                     self.share_p(acc_S, rP, p_copy, tPrP, tPsP0, BAR_P0)
                     self.rescale(acc_O_mn, row_sum, fac0, acc_S_mn)
                     # (b) O_L += P0 V0_L, P0 from registers; then K0's columns 0-255 are free
@@ -526,8 +525,8 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                     self.zero_stale_v(sVt0, n, t0, wg, wg_tidx)
                     self.pv(mma_pv_ss, acc_O, tOrP0, tOrV0)
                     if has1:
-                        self.mask_scale_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, scale_log2, tile_max)
-                        fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane)
+                        self.mask_max(acc_S_mn, tScS_mn, row_limit, t1 * BN, n, tile_max)
+                        fac1 = self.softmax_rows(acc_S_mn, tile_max, rows, sM, sScale, 1, lane, scale_log2)
                         self.share_p(acc_S, rP, p_copy, tPrP, tPsP1, BAR_P1)
                         self.timed(waits, base.WAIT_MMA, warpgroup.wait_group, 0)  # O_R += P0 V0_R done: K0's 256-575 free
                         if t0 + 2 < t_end:
