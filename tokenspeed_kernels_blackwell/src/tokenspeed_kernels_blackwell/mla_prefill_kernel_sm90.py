@@ -320,6 +320,8 @@ class MlaPrefillSm90:
             warpgroup.wait_group(0)  # P_{j-1} V_{j-1} is done: O may be rescaled, V_{j-1} freed, P reused
             if lane == 0:
                 cute.arch.mbarrier_arrive(v_empty + sp)
+            # unconditionally: skipping it by a warp vote when no row's max moved (as the decode
+            # kernel does) made this kernel 2-5% slower (docs/perf/cute.md, run P5)
             for r in cutlass.range_constexpr(2):
                 acc_O_mn[r, None] = acc_O_mn[r, None].load() * factor[r]
             rP.store(acc_S.load().to(self.dtype))
@@ -354,26 +356,23 @@ class MlaPrefillSm90:
 
     @cute.jit
     def softmax(self, acc_S_mn, tScS_mn, j, n_full, limit, row_max, row_sum, factor, scale_log2):
-        """Tile j's scores -> exp2(score - running max) in place (log2 units; the mask only on
-        tiles that cross a row's last position); updates the running max and this thread's part
-        of the row sums, and leaves in ``factor`` what O must be rescaled by."""
+        """Tile j's scores -> exp2(score x scale - running max) in place (the mask only on tiles
+        that cross a row's last position); updates the running max (log2 units) and this
+        thread's part of the row sums, and leaves in ``factor`` what O must be rescaled by.
+        The max is taken over the raw scores (the launcher makes ``scale_log2`` > 0), so the
+        scaling and the subtraction are one FFMA a score instead of an FMUL and an FADD."""
         if j >= n_full:
             for r in cutlass.range_constexpr(2):
                 for c in cutlass.range_constexpr(cute.size(tScS_mn, mode=[1])):
                     if j * BLOCK_N + tScS_mn[0, c][1] > limit[r]:
                         acc_S_mn[r, c] = -cutlass.Float32.inf
-                    else:
-                        acc_S_mn[r, c] = acc_S_mn[r, c] * scale_log2
-        else:
-            for r in cutlass.range_constexpr(2):
-                acc_S_mn[r, None] = acc_S_mn[r, None].load() * scale_log2
         # a row's max over the 4 lanes of its quad
         for r in cutlass.range_constexpr(2):
             tile_max = xor_max(acc_S_mn[r, None].load().reduce(cute.ReductionOp.MAX, -cutlass.Float32.inf, 0), QUAD)
-            m_new = cute.arch.fmax(row_max[r], tile_max)
+            m_new = cute.arch.fmax(row_max[r], tile_max * scale_log2)
             factor[r] = cute.math.exp2(row_max[r] - m_new, fastmath=True)
             row_max[r] = m_new
-            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() - m_new, fastmath=True)
+            acc_S_mn[r, None] = cute.math.exp2(acc_S_mn[r, None].load() * scale_log2 - m_new, fastmath=True)
             row_sum[r] = row_sum[r] * factor[r] + acc_S_mn[r, None].load().reduce(
                 cute.ReductionOp.ADD, cutlass.Float32.zero, 0)
 
