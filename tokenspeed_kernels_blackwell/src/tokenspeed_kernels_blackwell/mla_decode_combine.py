@@ -15,7 +15,8 @@ combine is then not launched.
 Why it is shaped this way: at b = 1 the split stage runs ~130 splits, and a first combine (one
 CTA of 128 threads per row, looping over the splits) cost 18-21 µs on an H100, more than the
 split stage itself (docs/perf/cute.md, run 4). One CTA takes (row, request, 128-column chunk);
-its 4 warps take every 4th split each, a lane 4 adjacent columns (one 8-byte load per split).
+its warps (8, or 4 from 65 folded rows: ``merge_warps``) take every 8th (4th) split each, a lane 4
+adjacent columns (one 8-byte load per split).
 A second version computed the splits' weights block-wide first (max, then weights into shared
 memory, two barriers and two dependent rounds of LSE loads before the first O load). Now each
 warp merges its splits with a running max as they arrive (flash-decoding's online softmax),
@@ -41,7 +42,12 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 
-COMBINE_WARPS = 4  # warps per CTA; warp w takes splits w, w + 4, ... (many splits); row w (few)
+COMBINE_WARPS = 4  # warps per CTA of the row-per-warp combine (few splits): warp w takes row w
+# warps per CTA of the batched combine (many splits; warp w takes splits w, w + warps, ...): 8 where
+# a request has few folded rows, so its grid (rows x 4 column chunks) leaves most SMs free and more
+# warps shorten each one's chain of loads; 4 from 65 rows, whose grid fills the SMs (H200, run 47:
+# 8 warps 2-3.5% faster at b 1 H 16, 1.4% slower at b 1 H 128 64K)
+MERGE_WARPS_FEW_ROWS, MERGE_WARPS_MANY_ROWS = 8, 4
 FEW_SPLITS = 8  # up to this many splits a request: the row-per-warp combine
 COMBINE_COLS = 128  # Dv columns per CTA of the batched combine: 32 lanes x 4 adjacent columns
 COMBINE_BATCH = 16  # splits per warp whose loads are in flight together (5 x 16 registers)
@@ -80,6 +86,11 @@ class SplitKVCombine:
     # q 4, H 128).
     one_split_direct = False
 
+    @property
+    def merge_warps(self) -> int:
+        """Warps per CTA of ``combine_kernel`` (see MERGE_WARPS_FEW_ROWS)."""
+        return MERGE_WARPS_FEW_ROWS if self.M <= 64 else MERGE_WARPS_MANY_ROWS
+
     @cute.jit
     def launch_combine(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor,
                        mLse: cute.Tensor, kv_scale: cutlass.Float32, stream):
@@ -105,11 +116,13 @@ class SplitKVCombine:
     @cute.jit
     def launch_combine_kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor,
                               mLse: cute.Tensor, kv_scale: cutlass.Float32, stream):
+        warps = self.merge_warps
+
         @cute.struct
         class CombineStorage:
-            partial: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS * COMBINE_COLS], 16]
-            warp_max: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
-            warp_sum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, COMBINE_WARPS], 16]
+            partial: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, warps * COMBINE_COLS], 16]
+            warp_max: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, warps], 16]
+            warp_sum: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, warps], 16]
 
         batch = mOut.shape[0]  # the partials are a placeholder with one split a request (launcher)
         # programmatic dependent launches (use_pdl): see combine_kernel
@@ -127,13 +140,13 @@ class SplitKVCombine:
                 grid=rows_grid, block=[COMBINE_WARPS * 32, 1, 1], stream=stream, use_pdl=True)
         else:
             self.combine_kernel(mOPart, mLsePart, mOut, mLse, kv_scale, CombineStorage).launch(
-                grid=[self.M, batch, self.Dv // COMBINE_COLS], block=[COMBINE_WARPS * 32, 1, 1],
+                grid=[self.M, batch, self.Dv // COMBINE_COLS], block=[warps * 32, 1, 1],
                 smem=CombineStorage.size_in_bytes(), stream=stream, use_pdl=True)
 
     @cute.jit
     def merge_splits(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, b, m, s0, warp, vec, acc, run_max,
                      run_sum, n: cutlass.Constexpr):
-        """Fold splits s0 + u * COMBINE_WARPS + warp (u < n) into this lane's running (max, sum,
+        """Fold splits s0 + u * merge_warps + warp (u < n) into this lane's running (max, sum,
         acc[4]) of one row: all 2n loads are issued before any is used, and no warp waits for
         another (each keeps its own running max, merged once at the end). Indices past the last
         split are skipped by a warp-uniform test, which ptxas turns into predicated loads that
@@ -142,7 +155,7 @@ class SplitKVCombine:
         lses = []
         vals = []
         for u in cutlass.range_constexpr(n):
-            s = s0 + u * COMBINE_WARPS + warp
+            s = s0 + u * self.merge_warps + warp
             lse = -cutlass.Float32.inf  # past the last split: weight 0
             v = cute.make_rmem_tensor((4,), mOPart.element_type)
             v.fill(0.0)
@@ -194,9 +207,10 @@ class SplitKVCombine:
         cute.arch.griddepcontrol_wait()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(CombineStorage)
-        sPart = storage.partial.get_tensor(cute.make_layout((COMBINE_WARPS, COMBINE_COLS), stride=(COMBINE_COLS, 1)))
-        sMax = storage.warp_max.get_tensor(cute.make_layout((COMBINE_WARPS,)))
-        sSum = storage.warp_sum.get_tensor(cute.make_layout((COMBINE_WARPS,)))
+        warps = self.merge_warps
+        sPart = storage.partial.get_tensor(cute.make_layout((warps, COMBINE_COLS), stride=(COMBINE_COLS, 1)))
+        sMax = storage.warp_max.get_tensor(cute.make_layout((warps,)))
+        sSum = storage.warp_sum.get_tensor(cute.make_layout((warps,)))
 
         # ---- each warp: an online softmax merge over its splits (w, w + 4, ...) ----
         # Lane l holds columns 4l..4l+3 of this CTA's 128 (one 8-byte load per split). The
@@ -208,12 +222,12 @@ class SplitKVCombine:
         run_sum = cutlass.Float32(0.0)
         # A request's splits (more than FEW_SPLITS) in one batch of the fewest loads that covers
         # them (4 or 8 per warp: no more than 2x the loads needed), else rounds of `combine_batch`.
-        if num_splits <= 4 * COMBINE_WARPS:
+        if num_splits <= 4 * warps:
             run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 4)
-        elif num_splits <= 8 * COMBINE_WARPS:
+        elif num_splits <= 8 * warps:
             run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, 0, warp, vec, acc, run_max, run_sum, 8)
         else:
-            step = COMBINE_WARPS * self.combine_batch
+            step = warps * self.combine_batch
             for s0 in cutlass.range(0, num_splits, step, unroll=1):
                 run_max, run_sum = self.merge_splits(mOPart, mLsePart, b, m, s0, warp, vec, acc, run_max,
                                                      run_sum, self.combine_batch)
@@ -226,20 +240,21 @@ class SplitKVCombine:
 
         # ---- merge the warps: thread t owns column t of the chunk ----
         row_max = sMax[0]
-        for w in cutlass.range_constexpr(1, COMBINE_WARPS):
+        for w in cutlass.range_constexpr(1, warps):
             row_max = cute.arch.fmax(row_max, sMax[w])
         base = 0.0 if row_max == -cutlass.Float32.inf else row_max
-        v = cutlass.Float32(0.0)
-        total = cutlass.Float32(0.0)
-        for w in cutlass.range_constexpr(COMBINE_WARPS):
-            f = cute.math.exp2((sMax[w] - base) * LOG2_E, fastmath=True)
-            v = v + f * sPart[w, tidx]
-            total = total + f * sSum[w]
-        inv = 0.0 if total == 0.0 else kv_scale / total
-        mOut[b, m, chunk * COMBINE_COLS + tidx] = (v * inv).to(self.dtype)
-        if chunk == 0:
-            if tidx == 0:
-                mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
+        if tidx < COMBINE_COLS:
+            v = cutlass.Float32(0.0)
+            total = cutlass.Float32(0.0)
+            for w in cutlass.range_constexpr(warps):
+                f = cute.math.exp2((sMax[w] - base) * LOG2_E, fastmath=True)
+                v = v + f * sPart[w, tidx]
+                total = total + f * sSum[w]
+            inv = 0.0 if total == 0.0 else kv_scale / total
+            mOut[b, m, chunk * COMBINE_COLS + tidx] = (v * inv).to(self.dtype)
+            if chunk == 0:
+                if tidx == 0:
+                    mLse[b, m] = -cutlass.Float32.inf if total == 0.0 else base + cute.math.log(total)
 
 
     @cute.kernel
