@@ -212,7 +212,7 @@ class SplitKVCombine:
         sMax = storage.warp_max.get_tensor(cute.make_layout((warps,)))
         sSum = storage.warp_sum.get_tensor(cute.make_layout((warps,)))
 
-        # ---- each warp: an online softmax merge over its splits (w, w + 4, ...) ----
+        # ---- each warp: an online softmax merge over its splits (w, w + warps, ...) ----
         # Lane l holds columns 4l..4l+3 of this CTA's 128 (one 8-byte load per split). The
         # latency chain is one round of loads per `combine_batch` splits of a warp.
         vec = chunk * (COMBINE_COLS // 4) + lane
