@@ -181,6 +181,27 @@ def test_a_misaligned_cache_is_refused_by_name():
         cute_mla.mla_decode(q, cache, table, lens, out, lse, 0.07)
 
 
+@pytest.mark.parametrize("scale", [0.07, 2.5, -0.07, -3.0, 0.0])
+def test_positive_scale_log2_keeps_the_softmax_of_the_ffma_form(scale):
+    """The see-saw and prefill kernels take the row max over the raw scores and compute
+    exp2(score x s - max x s), right only for s > 0; ``positive_scale_log2`` must hand them an
+    (q', s) whose softmax (in that form, with masked scores at -inf) equals the op's for any scale,
+    zero included (uniform weights; 0 x -inf would be NaN)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 64, dtype=torch.float64, generator=gen)
+    k = torch.randn(37, 64, dtype=torch.float64, generator=gen)
+    mask = torch.arange(37)[None, :] > torch.tensor([36, 20, 5, 0])[:, None]  # causal-like, row 3 sees one key
+    ref = torch.softmax((q @ k.T * scale).masked_fill(mask, float("-inf")), dim=-1)
+    q2, s = cute_mla.positive_scale_log2(q, scale)
+    assert s > 0
+    raw = (q2 @ k.T).float().masked_fill(mask, float("-inf"))  # fp32, as the kernels hold S
+    m = raw.max(dim=-1, keepdim=True).values * s
+    p = torch.exp2(torch.addcmul(-m, raw, torch.tensor(s, dtype=torch.float32)))  # one FFMA a score
+    got = p / p.sum(dim=-1, keepdim=True)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif("TOKENSPEED_CUTE_MLA_VARIANT" in os.environ, reason="variant forced")
 def test_default_variant_ranks_above_triton_where_it_measured_faster():
     reg = _registry()
