@@ -35,8 +35,6 @@ from .mla_decode_combine import SplitKVCombine
 
 BLOCK_M = 64  # folded (q_len x heads) rows per CTA (the wgmma M)
 PAGE_TILE = 64  # a KV tile never crosses a page: page sizes are multiples of this
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
 
 # The timing probe (bench/gpu_cute_stamps.py): each CTA writes STAMP_SLOTS 16-byte records
 # (%globaltimer ns, %clock64) at named points of its life to a buffer whose address is fixed at
@@ -168,4 +166,4 @@ class MlaDecodeSplitKV(SplitKVCombine):
         return t_begin, cutlass.min(t_begin + per_split, n_tiles)
 
 
-__all__ = ["BLOCK_M", "LN_2", "LOG2_E", "MlaDecodeSplitKV"]
+__all__ = ["BLOCK_M", "MlaDecodeSplitKV"]
