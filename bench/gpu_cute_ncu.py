@@ -20,9 +20,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_src = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.join(
-    ROOT, "tokenspeed_kernels_blackwell", "src")
-for p in (ROOT, _src):
+for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_blackwell", "src")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
@@ -40,6 +38,8 @@ def main():
     ap.add_argument("--s", type=int, default=16384)
     ap.add_argument("--iters", type=int, default=4)
     a = ap.parse_args()
+    if a.src:  # before the kernel package is first imported (below)
+        sys.path.insert(0, a.src)
     if a.op == "mla_prefill":
         return prefill(a)
     from tokenspeed_kernels_blackwell import mla_decode as md
