@@ -142,6 +142,23 @@ def test_seesaw_splits_keep_two_steps_while_half_the_wave_is_busy():
         assert cute_mla.split_count("v5", b, m, rows, sms, bf16) == cute_mla.split_count("v3", b, m, rows, sms, bf16)
 
 
+def test_fp8_rows_on_m_splits_count_two_ctas_an_sm_where_splits_are_long():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    sms, bf16, fp8 = 132, torch.bfloat16, torch.float8_e4m3fn
+    # v4 with an fp8 cache fits two CTAs an SM: where one-an-SM splits would stream >= 16 tiles,
+    # twice the CTAs (H200, run 48: 1.09-1.24x faster); a 16-bit cache (two tile slots) keeps one
+    for b, m, rows, one, two in ((64, 16, 16384, 2, 4), (16, 16, 65536, 8, 16), (128, 16, 65536, 1, 2),
+                                 (4, 16, 81920, 33, 64), (64, 32, 16384, 2, 4), (128, 32, 4096, 1, 2)):
+        for variant in ("v4", "v5"):
+            assert cute_mla.split_count(variant, b, m, rows, sms, bf16) == one, (b, m, rows)
+            assert cute_mla.split_count(variant, b, m, rows, sms, fp8) == two, (b, m, rows)
+    # shorter splits stay at one CTA an SM (b = 1: 128 splits of 8 tiles beat 256 of 4)
+    for rows in (4096, 16384, 65536):
+        assert cute_mla.split_count("v5", 1, 16, rows, sms, fp8) == cute_mla.split_count("v5", 1, 16, rows, sms, bf16)
+    # above 32 rows an fp8 cache runs v3: one CTA an SM
+    assert cute_mla.split_count("v5", 64, 64, 16384, sms, fp8) == cute_mla.split_count("v3", 64, 64, 16384, sms, bf16)
+
+
 def test_split_bound_matches_the_combine():
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
     from tokenspeed_kernels_blackwell import mla_decode_combine

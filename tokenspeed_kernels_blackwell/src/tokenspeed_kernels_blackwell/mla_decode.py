@@ -101,6 +101,14 @@ SEESAW_FROM_ROWS = 32
 # (runs 33-37), b = 1 H 128 16K runs 64 splits of 4 tiles in 26.3 µs against 29.0 for 32 of 8
 # (H100; H200 23.9 against 27.7), b = 1 q 4 H 128 4K 16 of 4 in 24.8 against 28.2 for 8 of 8.
 SEESAW_MIN_TILES = 4
+# v4 with an fp8 cache (H x q_len <= 32) stages the next tile in registers and keeps one 16-bit
+# tile in smem: 95-113 KB and <= 255 registers x 128 threads, so two CTAs share an SM and each
+# one's loads in flight overlap the other's per-tile chain. Where the one-CTA-an-SM rule gives
+# splits of at least FP8_TWO_PER_SM_FROM_TILES tiles, the rule counts two CTA slots an SM (H200,
+# run 48: 1.09-1.24x faster at B 4-128, H 16-32); shorter splits stay (b = 1: 256 splits of 4
+# tiles 30.0 µs against 29.2 for 128 of 8 at 64K, 18.3 against 15.5 at 16K).
+ROWS_ON_M_MAX = 32  # = mla_decode_kernel_v4.MAX_ROWS_V4: v4 (KV rows on the MMA M axis) up to here
+FP8_TWO_PER_SM_FROM_TILES = 16
 # The variant the registered implementation launches (TOKENSPEED_CUTE_MLA_VARIANT, read once at
 # import). All three passed the conformance kit's full grid on an H100 (bf16/fp16 and the fp8
 # cache; graph replay == eager; docs/perf/cute.md, runs 3-11); v3 and v4 on an H200 too.
@@ -192,7 +200,7 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
 
         kernel = MlaDecodeSplitKVTcgen05(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    elif variant in ("v4", "v5") and m <= 32:
+    elif variant in ("v4", "v5") and m <= ROWS_ON_M_MAX:
         from .mla_decode_kernel_v4 import MlaDecodeSplitKVRowsOnM
 
         kernel = MlaDecodeSplitKVRowsOnM(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
@@ -306,8 +314,14 @@ def split_count(variant: str, batch: int, m: int, max_rows: int, sms: int, kv_dt
         return num_splits_one_wave(batch, ctas_per_split(m), max_rows, sms, SM100_BLOCK_N)
     from .mla_decode_kernel import BLOCK_M
 
+    block_n = VARIANTS[variant]["block_n"]
+    if variant in ("v4", "v5") and m <= ROWS_ON_M_MAX and kv_dtype == FP8:
+        s = num_splits_one_wave(batch, 1, max_rows, sms, block_n)
+        if -(-max_rows // block_n) >= FP8_TWO_PER_SM_FROM_TILES * s:
+            s = num_splits_one_wave(batch, 1, max_rows, 2 * sms, block_n)
+        return s
     seesaw = variant == "v5" and m > SEESAW_FROM_ROWS and kv_dtype != FP8
-    return num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, VARIANTS[variant]["block_n"],
+    return num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, block_n,
                                min_tiles=SEESAW_MIN_TILES if seesaw else 1)
 
 

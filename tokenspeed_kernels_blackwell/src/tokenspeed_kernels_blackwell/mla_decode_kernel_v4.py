@@ -21,6 +21,9 @@ slower than a 16-bit one (docs/perf/cute.md, run 4). Here (docs/cute.md, "v4"):
   fly under them; at the top of the next iteration it converts them (e4m3 pairs -> 16-bit) and
   stores them into the one 16-bit tile the MMAs read. No fp8 smem staging and no smem re-read
   (v3's staging ring + convert-in-smem made an fp8 cache 1.3-1.5x slower than a 16-bit one).
+  One tile in flight a CTA does not cover the memory latency, so: the tile after it is prefetched
+  into L2 (``FP8_L2_AHEAD``), and with one 16-bit tile (95-113 KB of smem, <= 255 registers) two
+  CTAs share an SM, which the split rule counts (``mla_decode.FP8_TWO_PER_SM_FROM_TILES``).
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from . import mla_decode_kernel as base
 from .mla_decode_combine import COLUMN, xor_max, xor_sum
 from .mla_decode_kernel_v2 import MlaDecodeSplitKVWgmma, _mn_view_sm90, _wgmma
+from .mla_decode_kernel_v5_loads import prefetch_tile
 
 NUM_THREADS_V4 = 128  # one warpgroup
 MAX_ROWS_V4 = 32  # folded query rows this kernel takes (the wgmma N)
 KV_ROWS = 64  # a KV tile = the wgmma M
+# fp8: the tile after the one in flight to registers is asked of L2 (one instruction of one
+# thread): 3.4% faster at 32 rows, 0.5-1% at 16 (H200, run 48); two tiles ahead was slower
+FP8_L2_AHEAD = 1
 
 
 class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
@@ -235,6 +242,9 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
                         tKVs[None, r, None].fill(0)
                 # the next tile's loads fly under this tile's MMAs (the last tile reloads itself)
                 self.load_kv_tile_regs(mKV, mPageTable, b, cutlass.min(tile + 1, t_end - 1), rKV, thr_kv, kv_copy)
+                if tidx == 0:
+                    if tile + 1 + FP8_L2_AHEAD < t_end:
+                        prefetch_tile(mKV, mPageTable, b, tile + 1 + FP8_L2_AHEAD, BN, self.page_size)
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.sync_threads()
             else:

@@ -165,22 +165,23 @@ class SeesawLoads:
 
     @cute.jit
     def prefetch_tiles(self, mKV, mPageTable, b, tile, t_end):
-        """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``): a tile is 64
-        contiguous cache rows. Issued about a step before their use (``produce``), so their bytes are
-        on the way from HBM before that step's TMA loads (issued as columns free) ask for them."""
+        """L2 prefetch of KV tiles ``tile`` and ``tile + 1`` (those before ``t_end``). Issued about
+        a step before their use (``produce``), so their bytes are on the way from HBM before that
+        step's TMA loads (issued as columns free) ask for them."""
         for j in cutlass.range_constexpr(2):
             if tile + j < t_end:
-                gKV = self.tile_in_cache(mKV, mPageTable, b, tile + j)
-                prefetch_l2(gKV.iterator.toint(), self.block_n * self.D * mKV.element_type.width // 8)
+                prefetch_tile(mKV, mPageTable, b, tile + j, self.block_n, self.page_size)
 
-    @cute.jit
-    def tile_in_cache(self, mKV, mPageTable, b, tile):
-        """KV tile ``tile`` of request ``b``: block_n contiguous rows of one page of the cache."""
-        pos0 = tile * self.block_n
-        page = mPageTable[b, pos0 // self.page_size]
-        cache_row0 = cutlass.Int64(page) * self.page_size + pos0 % self.page_size
-        return cute.local_tile(mKV, (self.block_n, self.D), (cache_row0 // self.block_n, 0))
+
+def prefetch_tile(mKV, mPageTable, b, tile, block_n: int, page_size: int):
+    """L2 prefetch (``prefetch_l2``) of KV tile ``tile`` of request ``b``: ``block_n`` contiguous
+    rows of one page of the flattened cache ``mKV`` (rows, D). The caller checks that the tile is
+    one of the request's (the page table names no page past its length)."""
+    d = cute.size(mKV, mode=[1])
+    row_tile = cutlass.Int64(cache_row_tile(mPageTable, b, tile, block_n, page_size))  # > 2^31 elements
+    gKV = cute.local_tile(mKV, (block_n, d), (row_tile, 0))
+    prefetch_l2(gKV.iterator.toint(), block_n * d * mKV.element_type.width // 8)
 
 
 __all__ = ["CHUNK", "GROUPS", "K0_EARLY", "K0_LATE", "K1_EARLY", "K1_LATE", "ROPE_CHUNK", "SeesawLoads", "cache_row_tile",
-           "chunk_box", "issue_q_boxes"]
+           "chunk_box", "issue_q_boxes", "prefetch_tile"]
