@@ -298,6 +298,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
 SHAPES_V4 = [  # (dtype, H, q_len, page size, variant, cache dtype): the few-rows kernel's classes
     ("bfloat16", 16, 1, 64, "v4"), ("float16", 32, 1, 128, "v4"), ("bfloat16", 8, 3, 64, "v4"),
     ("bfloat16", 16, 1, 64, "v4", "float8_e4m3fn"),
+    # the larger fp8 class: its compile checks that two CTAs still fit an SM (the split rule's premise)
+    ("bfloat16", 32, 1, 64, "v4", "float8_e4m3fn"),
 ]
 
 
@@ -324,7 +326,10 @@ def test_v4_puts_kv_rows_on_the_mma_m_axis(tmp_path):
         # V^T read MN-major from the KV tile (the A-transpose bit)
         assert sum(1 for _, ta, tb in mmas if (ta, tb) == ("0", "0")) == 576 // 16, p
         assert sum(1 for _, ta, tb in mmas if (ta, tb) == ("1", "0")) == 8 * 4, p
-        assert ("cvt.rn.f16x2.e4m3x2" in text) == ("Float8E4M3FN" in os.path.basename(p)), p
+        fp8 = "Float8E4M3FN" in os.path.basename(p)
+        assert ("cvt.rn.f16x2.e4m3x2" in text) == fp8, p
+        # fp8: one thread asks L2 for the tile after the one in flight to registers, in the loop
+        assert split.count("cp.async.bulk.prefetch.L2.global") == (1 if fp8 else 0), p
         # the combine may be scheduled once the split loop is done (a combine CTA fits beside)
         assert "griddepcontrol.launch_dependents" in split and all("griddepcontrol.wait" in c for c in combine)
         # O^T leaves through smem as O's rows (the epilogue of v3 / v5, over all of Dv): 16-byte

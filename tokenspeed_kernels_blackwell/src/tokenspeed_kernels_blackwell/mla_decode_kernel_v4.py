@@ -44,6 +44,8 @@ KV_ROWS = 64  # a KV tile = the wgmma M
 # fp8: the tile after the one in flight to registers is asked of L2 (one instruction of one
 # thread): 3.4% faster at 32 rows, 0.5-1% at 16 (H200, run 48); two tiles ahead was slower
 FP8_L2_AHEAD = 1
+# sm_90's shared memory an SM, and what the driver reserves a CTA: with an fp8 cache two CTAs fit
+SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024
 
 
 class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
@@ -118,6 +120,10 @@ class MlaDecodeSplitKVRowsOnM(MlaDecodeSplitKVWgmma):
             dtype, dtype, OperandMajorMode.MN, OperandMajorMode.K, cutlass.Float32, (1, 1, 1), (BN, N),
         )
 
+        if cutlass.const_expr(self.kv_fp8 and 2 * (SharedStorage.size_in_bytes() + SMEM_RESERVED) > SMEM_PER_SM):
+            # the split rule counts two of these CTAs an SM (mla_decode.FP8_TWO_PER_SM_FROM_TILES)
+            raise ValueError(f"v4 fp8: {SharedStorage.size_in_bytes()} bytes of smem a CTA, two no longer fit "
+                             f"in an SM's {SMEM_PER_SM}: change the split rule with it")
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
         self.attention_kernel_v4(
