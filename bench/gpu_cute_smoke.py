@@ -15,7 +15,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "tokenspeed_kernels_blackwell", "src")):
+# --src DIR (another checkout's tokenspeed_kernels_blackwell/src, as gpu_cute_ab.py takes) goes first
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else os.path.join(ROOT, "tokenspeed_kernels_blackwell", "src")
+for p in (ROOT, os.path.abspath(SRC)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
@@ -59,12 +61,14 @@ def run_case(md, variant, B, Q, H, lens, splits, dtype=torch.bfloat16, ps=64, ge
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", default="v5")
+    ap.add_argument("--fp8-only", action="store_true", help="only the cases with an fp8 cache")
+    ap.add_argument("--src", default="", help="import tokenspeed_kernels_blackwell from this directory")
     args = ap.parse_args()
     from tokenspeed_kernels_blackwell import mla_decode as md
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    # (B, Q, H, lens, splits[, fp8 cache[, softmax scale]]); one split: out and lse written by the split kernel
+    # (B, Q, H, lens, splits[, fp8 cache[, softmax scale[, query dtype]]]); one split: out and lse written by the split kernel
     cases = [
         (1, 1, 128, [1], 1),
         (1, 1, 128, [64], 1),
@@ -95,19 +99,32 @@ def main():
         (2, 3, 32, [1500, 70], 1),  # one split, 96 rows: the padded rows of the staged out
         (3, 5, 16, [2100, 64, 9], 1),
         (2, 1, 64, [300, 2048], 1),
-        (2, 4, 16, [129, 1000], 3, True),  # fp8 (64 rows: v3), partials staged through smem
+        (2, 4, 16, [129, 1000], 3, True),  # fp8 (64 rows), partials staged through smem
+        # fp8 above 32 rows (the see-saw kernel's producer converts): odd tile counts (a last step
+        # of one tile), many empty splits, an empty request, two m-blocks, an fp16 query
+        (1, 1, 128, [129], 1, True),
+        (3, 1, 128, [5, 700, 64 * 9], 40, True),
+        (3, 1, 128, [0, 100, 64], 1, True),
+        (2, 2, 128, [4096, 100], 16, True),
+        (2, 3, 32, [1500, 70], 5, True),
+        (2, 3, 32, [1500, 70], 1, True, 1.0 / math.sqrt(192), torch.float16),
+        (2, 4, 16, [333, 4000], 5, True, -0.07, torch.float16),
         (2, 4, 16, [333, 4000], 5, False, -0.07),  # a negative scale: the launcher negates q
         (2, 4, 32, [4000, 81], 1, False, 0.0),  # zero: uniform weights beside masked scores
         (2, 1, 16, [65, 3000], 4, False, -0.07),  # v4
     ]
+    if args.fp8_only:
+        cases = [c for c in cases if len(c) > 5 and c[5]]
     t0 = time.time()
     fails = 0
     for B, Q, H, lens, splits, *extra in cases:
         fp8 = bool(extra and extra[0])
         scale = extra[1] if len(extra) > 1 else 1.0 / math.sqrt(192)
-        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, gen=gen, fp8=fp8, scale=scale)
+        dtype = extra[2] if len(extra) > 2 else torch.bfloat16
+        ok, eo, el = run_case(md, args.variant, B, Q, H, lens, splits, dtype=dtype, gen=gen, fp8=fp8, scale=scale)
         fails += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits} fp8={fp8} scale={scale:.3g}: "
+        print(f"{'ok  ' if ok else 'FAIL'} B={B} Q={Q} H={H} lens={lens} splits={splits} fp8={fp8} scale={scale:.3g} "
+              f"{str(dtype)[6:]}: "
               f"max|dO|={eo:.2e} max|dLSE|={el:.2e}", flush=True)
     print(f"smoke {args.variant}: {len(cases) - fails}/{len(cases)} ok in {time.time() - t0:.1f}s")
     sys.exit(1 if fails else 0)

@@ -156,6 +156,14 @@ def grid(size: str) -> list[dict]:
         for q_len in (1, 4, 8):
             cases.append(dict(B=4, q_len=q_len, H=16, page_size=64, seqlen=2049, dtype=torch.bfloat16,
                               cache_dtype=torch.float8_e4m3fn))
+        # an fp16 query over an fp8 cache, with a padded m-block, a length-3 request and odd tile
+        # counts; 128 heads over pages of 128
+        cases += [
+            dict(B=3, q_len=3, H=32, page_size=64, seqlens=[1500, 3, 700], dtype=torch.float16,
+                 cache_dtype=torch.float8_e4m3fn),
+            dict(B=2, q_len=1, H=128, page_size=128, seqlens=[129, 3000], dtype=torch.float16,
+                 cache_dtype=torch.float8_e4m3fn),
+        ]
     return cases
 
 

@@ -80,16 +80,16 @@ def _supports(sig) -> str | None:
 # "v3": wgmma over a 2-stage ring of 64-row tiles, one S per CTA shared by its two warpgroups
 # (mla_decode_kernel_v3.py). "v4": v3, except where H x q_len <= 32: there the KV rows are the
 # MMA's M axis and the query rows its N, so nothing is padded to 64 rows (mla_decode_kernel_v4.py).
-# "v5": v4, except where H x q_len > SEESAW_FROM_ROWS with a 16-bit cache: there two KV tiles per
-# step, one whole S per warpgroup and FlashMLA's see-saw PV, the KV loaded by TMA from a producer
-# warp, and a request's m-blocks in pairs (2-CTA clusters sharing each tile by multicast)
-# (mla_decode_kernel_v5.py).
+# "v5": v4, except where H x q_len > SEESAW_FROM_ROWS: there two KV tiles per step, one whole S
+# per warpgroup and FlashMLA's see-saw PV, the KV loaded by TMA from a producer warp, and a
+# request's m-blocks in pairs (2-CTA clusters sharing each tile by multicast); an fp8 cache is
+# converted through the producer warpgroup's registers instead (mla_decode_kernel_v5.py).
 # Earlier variants (v1 mma.sync; v2 / v2_n64 / v2_n64_c8, wgmma with a duplicated S) were removed
 # once v3/v4 beat them on every measured row (docs/perf/cute.md, runs 1-3; git history).
 VARIANTS = {"v3": dict(block_n=64, stages=2, combine_batch=16),
             "v4": dict(block_n=64, stages=2, combine_batch=16),
             "v5": dict(block_n=64, stages=2, combine_batch=16)}
-# The see-saw kernel above this many folded rows (with a 16-bit cache): from 33 rows, i.e. v3's
+# The see-saw kernel above this many folded rows: from 33 rows, i.e. v3's
 # 33-64-row class too, where it runs one m-block, unpaired and without its L2 prefetch. There it
 # is 1.09-1.21x faster than v3 on an H200 (B 16-128, q 4 H 16, but B 16 4K: 0.99x; v3's per-tile
 # chain was the limit at 4.25 TB/s) and 0.996-1.014x on an H100 (docs/perf/cute.md, runs 38-39);
@@ -200,16 +200,16 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
         from .mla_decode_kernel_sm100 import MlaDecodeSplitKVTcgen05
 
         kernel = MlaDecodeSplitKVTcgen05(dt, num_heads, q_len, head_dim, head_dim_v, page_size)
-    elif variant in ("v4", "v5") and m <= ROWS_ON_M_MAX:
+    elif kernel_kind(variant, m) == "v4":
         from .mla_decode_kernel_v4 import MlaDecodeSplitKVRowsOnM
 
         kernel = MlaDecodeSplitKVRowsOnM(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
                                          kv_dtype=kv_dt, **VARIANTS[variant])
-    elif variant == "v5" and m > SEESAW_FROM_ROWS and kv_dt == dt:
+    elif kernel_kind(variant, m) == "v5":
         from .mla_decode_kernel_v5 import MlaDecodeSplitKVSeesaw
 
         kernel = MlaDecodeSplitKVSeesaw(dt, num_heads, q_len, head_dim, head_dim_v, page_size,
-                                        **VARIANTS[variant])
+                                        kv_dtype=kv_dt, **VARIANTS[variant])
     else:
         from .mla_decode_kernel_v3 import MlaDecodeSplitKVSharedS
 
@@ -224,6 +224,16 @@ def _compile(arch, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, var
             os.environ.pop("CUTE_DSL_ARCH", None)
         else:
             os.environ["CUTE_DSL_ARCH"] = prev
+
+
+def kernel_kind(variant: str, m: int) -> str:
+    """Which sm_90a kernel a variant launches for ``m`` folded rows: "v4" (KV rows on the MMA M
+    axis), "v5" (the see-saw kernel) or "v3"."""
+    if variant in ("v4", "v5") and m <= ROWS_ON_M_MAX:
+        return "v4"
+    if variant == "v5" and m > SEESAW_FROM_ROWS:
+        return "v5"
+    return "v3"
 
 
 def shape_classes(q_lens=range(1, MAX_Q_LEN + 1), heads=(16, 32, 64, 128), page_sizes=(64,),
@@ -315,14 +325,14 @@ def split_count(variant: str, batch: int, m: int, max_rows: int, sms: int, kv_dt
     from .mla_decode_kernel import BLOCK_M
 
     block_n = VARIANTS[variant]["block_n"]
-    if variant in ("v4", "v5") and m <= ROWS_ON_M_MAX and kv_dtype == FP8:
+    kind = kernel_kind(variant, m)
+    if kind == "v4" and kv_dtype == FP8:
         s = num_splits_one_wave(batch, 1, max_rows, sms, block_n)
         if -(-max_rows // block_n) >= FP8_TWO_PER_SM_FROM_TILES * s:
             s = num_splits_one_wave(batch, 1, max_rows, 2 * sms, block_n)
         return s
-    seesaw = variant == "v5" and m > SEESAW_FROM_ROWS and kv_dtype != FP8
     return num_splits_one_wave(batch, -(-m // BLOCK_M), max_rows, sms, block_n,
-                               min_tiles=SEESAW_MIN_TILES if seesaw else 1)
+                               min_tiles=SEESAW_MIN_TILES if kind == "v5" else 1)
 
 
 _placeholders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -419,8 +429,8 @@ def mla_decode(q, kv_cache, page_table, cache_seqlens, out, lse, softmax_scale, 
 # -- registration --------------------------------------------------------------------------------
 _KERNEL_DESC = {"v3": "wgmma, one S per CTA, 2-stage cp.async",
                 "v4": "wgmma; KV rows on the MMA M axis where H x q_len <= 32, else v3",
-                "v5": "v4; where H x q_len > 32 (16-bit cache): two KV tiles per step, see-saw PV, "
-                      "TMA producer warp, m-block pairs sharing tiles by multicast"}
+                "v5": "v4; where H x q_len > 32: two KV tiles per step, see-saw PV, TMA producer warp, "
+                      "m-block pairs sharing tiles by multicast (fp8 cache: converted by the producer)"}
 SM90_STATUS = f"sm_90a: {DEFAULT_VARIANT} kernel ({_KERNEL_DESC.get(DEFAULT_VARIANT, 'wgmma + cp.async ring')})" + (
     "" if WINS_FROM_ROWS[DEFAULT_VARIANT] is None else
     f"; preferred over Triton for H x q_len >= {WINS_FROM_ROWS[DEFAULT_VARIANT]}")

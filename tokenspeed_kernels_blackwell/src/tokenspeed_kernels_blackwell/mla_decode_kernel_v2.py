@@ -151,6 +151,17 @@ def _wgmma(tiled_mma, acc, tA, tB, zero_init: cutlass.Constexpr[bool]):
     warpgroup.wait_group(0)
 
 
+def _acc_as_A_operand_sm90(acc_layout):
+    """((2, 2, N / 8), MMA_M, MMA_N) accumulator -> ((2, 2, 2), MMA_M, (N / 16, MMA_N)) A fragment
+    of a k16 wgmma: two adjacent n8 column groups form one k16 step."""
+    d = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
+    return cute.make_layout(
+        ((d.shape[0][0], d.shape[0][1], d.shape[0][2][0]), d.shape[1], (d.shape[0][2][1], d.shape[2])),
+        stride=((d.stride[0][0], d.stride[0][1], d.stride[0][2][0]), d.stride[1],
+                (d.stride[0][2][1], d.stride[2])),
+    )
+
+
 def _mn_view_sm90(acc: cute.Tensor) -> cute.Tensor:
     """(rows, cols) view of this thread's part of a wgmma accumulator: a thread holds rows
     (r, r + 8) of its warp's 16, and column pairs every 8."""

@@ -28,6 +28,10 @@ docs/cute.md ("v5") and docs/perf/cute.md (runs 9-41).
   second PV, the rest after WG0's. The freeing warpgroup arms and signals without blocking; the
   producer waits for the signal and issues the group. The next S is computed in the order the
   columns were freed (WG0: columns 0-255 first; WG1: 256-511 first).
+- An fp8 e4m3 cache: the producer warpgroup's four warps load each column group's fp8 bytes
+  into registers, convert them into the group's place in the 16-bit tile and arrive on its
+  "landed" mbarrier (:mod:`.mla_decode_kernel_v5_fp8`); no pairs, and the producer asks L2 for
+  each step's tiles a step ahead.
 - S reads Q's rope chunk (columns 512-575) from registers (an RS wgmma for its 4 k-steps, loaded
   by ldmatrix once Q has landed), the other 8 chunks from smem: an SS m64 n64 k16 wgmma reads
   4 KB of operands per 32 clocks, the SM's shared-memory bandwidth at the tensor rate, and the
@@ -50,8 +54,8 @@ docs/cute.md ("v5") and docs/perf/cute.md (runs 9-41).
 - Running max starts at a finite -1e30 (not -inf), so fully masked rows and tiles need no
   special case: exp2(-inf - (-1e30)) = 0, exp2(-1e30 - (-1e30)) = 1.
 
-Status: the default for > 32 folded rows with a 16-bit cache (full conformance grid on an H100,
-runs 9-41; graph replay == eager).
+Status: the default for > 32 folded rows (16-bit cache: full conformance grid on an H100, runs
+9-41; graph replay == eager; fp8 cache: docs/perf/cute.md, run 49).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 
 from . import mla_decode_kernel as base
 from .mla_decode_combine import QUAD, xor_max, xor_sum
-from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _mn_view_sm90
+from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _acc_as_A_operand_sm90, _mn_view_sm90
+from .mla_decode_kernel_v5_fp8 import FP8_MATH_REGS, FP8_PRODUCER_REGS, SeesawFp8Loads, fp8_kv_copy
 from .mla_decode_kernel_v5_loads import (
     CHUNK,
     K0_EARLY,
@@ -82,27 +87,39 @@ BAR_P0, BAR_P1, BAR_WG = 1, 2, 3
 BAR_MATH = 5  # the two math warpgroups (the producer warpgroup is not in it)
 MATH_THREADS = NUM_THREADS  # two math warpgroups; a third (the producer) issues the KV loads
 # setmaxnreg: registers are allocated per warpgroup, so the producer's go to the math warpgroups
-# (128 x 40 + 256 x 232 <= 64K)
+# (128 x 40 + 256 x 232 = 384 x 168, the launch allocation)
 PRODUCER_REGS, MATH_REGS = 40, 232
 
 
-class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
+class MlaDecodeSplitKVSeesaw(SeesawFp8Loads, SeesawLoads, MlaDecodeSplitKVWgmma):
     """v5: two 64-row KV tiles per step; each warpgroup computes one whole S, see-saw PV."""
 
     one_split_direct = True  # one split a request: out and lse written here, no combine
 
     def __init__(self, dtype, num_heads, q_len, head_dim, head_dim_v, page_size, block_n=64, stages=2,
-                 combine_batch=16):
+                 combine_batch=16, kv_dtype=None):
         super().__init__(dtype, num_heads, q_len, head_dim, head_dim_v, page_size, 64, 2, combine_batch)
         if (head_dim, head_dim_v) != (576, 512):
             raise ValueError("v5 is laid out for D = 576, Dv = 512 (rope columns 512-575 hold P)")
+        # an fp8 e4m3 cache is converted to the query's type by the producer warpgroup
+        # (mla_decode_kernel_v5_fp8), the math warpgroups read the same 16-bit tiles
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.kv_fp8 = self.kv_dtype.width == 8
         # m-blocks 2k and 2k + 1 of a request read the same KV tiles: as a 2-CTA cluster, each
         # column group is loaded once and multicast to both (half the L2 reads); an odd number of
-        # m-blocks runs unpaired
-        self.cluster = 2 if (-(-self.M // BLOCK_M)) % 2 == 0 else 1
+        # m-blocks runs unpaired, and so does an fp8 cache (the multicast is TMA's)
+        self.cluster = 2 if (-(-self.M // BLOCK_M)) % 2 == 0 and not self.kv_fp8 else 1
         # the L2 prefetch pays where a request's m-blocks share each tile; with one m-block the
-        # prefetched tiles of every CTA only push each other out of L2 (run 28: 1-5% slower)
-        self.l2_prefetch = self.M > BLOCK_M
+        # prefetched tiles of every CTA only push each other out of L2 (run 28: 1-5% slower). The
+        # fp8 producer asks L2 for every step's tiles itself (its register loads hold one group)
+        self.l2_prefetch = self.M > BLOCK_M and not self.kv_fp8
+        self.producer_regs, self.math_regs = ((FP8_PRODUCER_REGS, FP8_MATH_REGS) if self.kv_fp8
+                                              else (PRODUCER_REGS, MATH_REGS))
+        # setmaxnreg moves registers within the launch allocation (65536 / 384 threads, rounded
+        # down to 8): asking for more hangs the increasing warpgroups
+        threads = MATH_THREADS + 128
+        if 128 * self.producer_regs + MATH_THREADS * self.math_regs > threads * (65536 // threads // 8 * 8):
+            raise ValueError(f"setmaxnreg {self.producer_regs} / {self.math_regs} exceeds the launch allocation")
 
     @cute.jit
     def __call__(
@@ -163,15 +180,20 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         p_copy = cute.make_tiled_copy_C(
             cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), mma_qk)
 
-        # KV loads: one TMA box = one 64-row x 64-column chunk (8 KB, the SW128 atom column)
+        # Q: 64 x 64 boxes (8 KB, the SW128 atom column) over (folded row, column, request); rows
+        # past M are outside the tensor, so TMA fills the last m-block's padding with zeros
         chunk_layout = cute.tile_to_shape(k_atom, (self.block_n, CHUNK), (0, 1))
-        tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1 else cpasync.CopyBulkTensorTileG2SOp()
-        tma_atom, tma_kv = cpasync.make_tiled_tma_atom(tma_op, mKV, chunk_layout, (self.block_n, CHUNK))
-        # Q: the same 64 x 64 boxes over (folded row, column, request); rows past M are outside
-        # the tensor, so TMA fills the last m-block's padding with zeros
         mQ_mdb = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 2, 0]))
         tma_atom_q, tma_q = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), mQ_mdb, chunk_layout,
                                                         (BLOCK_M, CHUNK))
+        # KV: one TMA box = one 64-row chunk; an fp8 cache goes through the producer's registers
+        # (kv_copy) and has no descriptor (Q's stands in for the unused argument)
+        kv_copy = fp8_kv_copy(self.kv_dtype)
+        tma_atom, tma_kv = tma_atom_q, tma_q
+        if cutlass.const_expr(not self.kv_fp8):
+            tma_op = (cpasync.CopyBulkTensorTileG2SMulticastOp() if self.cluster > 1
+                      else cpasync.CopyBulkTensorTileG2SOp())
+            tma_atom, tma_kv = cpasync.make_tiled_tma_atom(tma_op, mKV, chunk_layout, (self.block_n, CHUNK))
 
         batch = mQ.shape[0]
         num_splits = mOPart.shape[1]
@@ -179,7 +201,7 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         self.attention_kernel_v5(
             tma_atom_q, tma_q, mKV, tma_atom, tma_kv, mPageTable, mSeqlens, mOPart, mLsePart, mOut, mLse,
             scale_log2, kv_scale, sQ_layout, sKV_layout, sVt_layout, p_copy, mma_qk, mma_qk_rs, q_copy, mma_pv_ss,
-            mma_pv_rs, SharedStorage,
+            mma_pv_rs, kv_copy, SharedStorage,
         ).launch(
             grid=[m_blocks, num_splits, batch],
             block=[MATH_THREADS + 128, 1, 1],
@@ -343,6 +365,7 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         q_copy: cute.TiledCopy,
         mma_pv_ss: cute.TiledMma,
         mma_pv_rs: cute.TiledMma,
+        kv_copy: cute.TiledCopy,
         SharedStorage: cutlass.Constexpr,
     ):
         BN = self.block_n
@@ -395,8 +418,13 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
         self.stamp(base.STAMP_SETUP, tidx, 0)
 
         if tidx >= MATH_THREADS:  # the producer warpgroup: one warp issues the KV loads
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            if tidx < MATH_THREADS + 32:
+            cute.arch.setmaxregister_decrease(self.producer_regs)
+            if cutlass.const_expr(self.kv_fp8):  # all four warps convert the fp8 cache
+                producer_waits = self.wait_sums()
+                self.produce_fp8(mKV, kv_copy, mPageTable, b, t_begin, t_end, storage.sKV.data_ptr(),
+                                 tidx - MATH_THREADS, mbar, mbar_free, producer_waits)
+                self.store_waits(base.STAMP_WAITS + 2, producer_waits, tidx, MATH_THREADS)
+            elif tidx < MATH_THREADS + 32:
                 rank = cute.arch.block_idx_in_cluster() if cutlass.const_expr(self.cluster > 1) else 0
                 self.stamp(base.STAMP_PRODUCER_START, tidx, MATH_THREADS)
                 producer_waits = self.wait_sums()
@@ -405,7 +433,7 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
                 self.stamp(base.STAMP_PRODUCER_DONE, tidx, MATH_THREADS)
                 self.store_waits(base.STAMP_WAITS + 2, producer_waits, tidx, MATH_THREADS)
         else:
-            cute.arch.setmaxregister_increase(MATH_REGS)
+            cute.arch.setmaxregister_increase(self.math_regs)
             # ---- the first two tiles' column groups released to the producer; Q landed ----
             if t_begin < t_end:
                 if wg == 0:
@@ -582,17 +610,6 @@ class MlaDecodeSplitKVSeesaw(SeesawLoads, MlaDecodeSplitKVWgmma):
             cute.arch.cluster_arrive_relaxed()
             cute.arch.cluster_wait()
         self.stamp(base.STAMP_EXIT, tidx, 0)
-
-
-def _acc_as_A_operand_sm90(acc_layout):
-    """((2, 2, N / 8), MMA_M, MMA_N) accumulator -> ((2, 2, 2), MMA_M, (N / 16, MMA_N)) A fragment
-    of a k16 wgmma: two adjacent n8 column groups form one k16 step."""
-    d = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
-    return cute.make_layout(
-        ((d.shape[0][0], d.shape[0][1], d.shape[0][2][0]), d.shape[1], (d.shape[0][2][1], d.shape[2])),
-        stride=((d.stride[0][0], d.stride[0][1], d.stride[0][2][0]), d.stride[1],
-                (d.stride[0][2][1], d.stride[2])),
-    )
 
 
 __all__ = ["MlaDecodeSplitKVSeesaw"]

@@ -16,6 +16,8 @@ and the probe's ``timed`` of the kernel classes.
   j issues the groups j, multicast into both CTAs' smem.
 - The producer warp also initialises the mbarriers and issues the CTA's Q first thing
   (``setup_and_load_q``), before the pair's cluster barrier.
+- With an fp8 cache the KV is not loaded by TMA: the producer warpgroup converts it through
+  registers (:mod:`.mla_decode_kernel_v5_fp8`); the mbarriers, groups and order are these.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class SeesawLoads:
         page table and that barrier are waited for. The whole warp runs the TMA copies: each
         elects one lane (elect.sync over all 32; with one lane active it hangs)."""
         cpasync.prefetch_descriptor(tma_atom_q)
-        cpasync.prefetch_descriptor(tma_atom)
+        if cutlass.const_expr(not self.kv_fp8):  # an fp8 cache has no KV descriptor (mla_decode_kernel_v5_fp8)
+            cpasync.prefetch_descriptor(tma_atom)
         if lane == 0:
             for i in cutlass.range_constexpr(4):
                 cute.arch.mbarrier_init(mbar + i, 1)
@@ -110,11 +113,14 @@ class SeesawLoads:
         """This warpgroup has read column group ``GROUPS[slot][j]`` of its tile slot for the last
         time: arm this CTA's "landed" mbarrier for the group's next load with its bytes, and tell
         the producer of the CTA that issues it (CTA j of a pair), which waits until every CTA of
-        the pair has freed the group, then multicasts it to all of them. Never blocks."""
+        the pair has freed the group, then multicasts it to all of them. Never blocks. With an fp8
+        cache the producer warpgroup converts the group and arrives on "landed" itself: no bytes
+        are armed."""
         g = slot * 2 + j
         if wg_tidx == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar + g, len(GROUPS[slot][j]) * self.block_n * CHUNK
-                                                    * self.dtype.width // 8)
+            if cutlass.const_expr(not self.kv_fp8):
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar + g, len(GROUPS[slot][j]) * self.block_n * CHUNK
+                                                        * self.dtype.width // 8)
             if cutlass.const_expr(self.cluster > 1):
                 cute.arch.mbarrier_arrive(mbar_free + g, peer_cta_rank_in_cluster=j)
             else:
