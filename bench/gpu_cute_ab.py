@@ -39,7 +39,8 @@ from tokenspeed_core.bench import gpu_state, time_calls  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", required=True, help="what this process's build is (printed on every row)")
-    ap.add_argument("--rows", required=True, help="'B,q,H,s_k[,fp8];...' (fp8: an fp8 e4m3 cache)")
+    ap.add_argument("--rows", required=True,
+                    help="'B,q,H,s_k[,fp8][,fp16];...' (fp8: an fp8 e4m3 cache; fp16: an fp16 query, else bf16)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--src", default="", help="import tokenspeed_kernels_blackwell from this directory")
     ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (profiler)")
@@ -58,10 +59,13 @@ def main():
     from tokenspeed_kernels_blackwell import mla_decode as cm
 
     for r in args.rows.split(";"):
-        b, ql, h, s, *cache = r.split(",")
+        b, ql, h, s, *flags = r.split(",")
         b, ql, h, s = int(b), int(ql), int(h), int(s)
-        cache_dtype = {"": None, "fp8": torch.float8_e4m3fn}[cache[0] if cache else ""]
-        a = bench_inputs(dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=torch.bfloat16,
+        if set(flags) - {"fp8", "fp16"}:
+            raise SystemExit(f"row {r!r}: flags after s_k are fp8 (cache) and fp16 (query), got {flags}")
+        cache_dtype = torch.float8_e4m3fn if "fp8" in flags else None
+        dtype = torch.float16 if "fp16" in flags else torch.bfloat16
+        a = bench_inputs(dict(B=b, q_len=ql, H=h, seqlen=s, page_size=64, dtype=dtype,
                               cache_dtype=cache_dtype), device)
         triton.fn(**a)
         ref = a["out"].clone()
@@ -72,6 +76,7 @@ def main():
             time.sleep(args.cooldown_s)
         t = time_calls([lambda a=a: cm.mla_decode(**a)], device, cuda_graph=True, flush_l2=args.flush).median_us
         row = dict(label=args.label, B=b, q_len=ql, H=h, s_k=s, cache="fp8" if cache_dtype else "16-bit",
+                   dtype=str(dtype).removeprefix("torch."),
                    flush=args.flush, cute_us=round(t, 1),
                    max_diff_vs_triton=round(diff, 4), card=torch.cuda.get_device_name(0), **gpu_state())
         if args.kernels:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # A/B of CuTe mla_decode builds on the device machine, in separate processes, interleaved:
-#   bash scripts/device_ab.sh TAG "B,q,H,s_k[,fp8];..." REPS "label:SRC:flush ..."
+#   bash scripts/device_ab.sh TAG "B,q,H,s_k[,fp8][,fp16];..." REPS "label:SRC:flush ..."
 # SRC is a directory holding tokenspeed_kernels_blackwell/src (e.g. from
 # `git archive <rev> tokenspeed_kernels_blackwell/src | tar x -C ab_x`), or - for the installed
 # package; flush is write (the anchors' method) or read. One process per distinct SRC first warms
@@ -36,7 +36,7 @@ import collections, json, sys
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
     d = json.loads(line)
-    key = (d["B"], d["q_len"], d["H"], d["s_k"], d.get("cache", "16-bit"))
+    key = (d["B"], d["q_len"], d["H"], d["s_k"], d.get("cache", "16-bit") + (" fp16" if d.get("dtype") == "float16" else ""))
     rows.setdefault(key, collections.OrderedDict()).setdefault(f"{d['label']}/{d['flush'][0]}", []).append(d["cute_us"])
 for k, v in rows.items():
     print("B%d q%d H%d s%d %s | " % k + " | ".join(f"{lab} {','.join(map(str, xs))}" for lab, xs in v.items()))
