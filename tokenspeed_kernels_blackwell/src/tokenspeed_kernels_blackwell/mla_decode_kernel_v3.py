@@ -20,8 +20,9 @@ v2 is who computes S (docs/cute.md, "v3"):
   the scores and in the combine, as for a 16-bit cache). Smem stays the same size: one 16-bit
   tile (72 KB) plus two fp8 slots (2 x 36 KB) replace two 16-bit tiles.
 
-Status: the default variant's (v5's) kernel for an fp8 cache with more than 32 folded rows (and
-for 33-64 rows with a 16-bit cache until run 39); v4 and v5 take the other classes. Passed the
+Status: variant ``v3`` only: the default variant (v5) ran it for an fp8 cache above 32 folded rows
+until run 49 (the see-saw kernel's producer converts since, 1.30-1.43x faster) and for 33-64 rows
+with a 16-bit cache until run 39. Passed the
 conformance kit's full grid on an H100 and an H200 (graph replay == eager); timings in
 docs/perf/cute.md, runs 3-11.
 """

@@ -67,7 +67,13 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 
 from . import mla_decode_kernel as base
 from .mla_decode_combine import QUAD, xor_max, xor_sum
-from .mla_decode_kernel_v2 import BLOCK_M, NUM_THREADS, MlaDecodeSplitKVWgmma, _acc_as_A_operand_sm90, _mn_view_sm90
+from .mla_decode_kernel_v2 import (
+    BLOCK_M,
+    NUM_THREADS,
+    MlaDecodeSplitKVWgmma,
+    _acc_as_A_operand_sm90,
+    _mn_view_sm90,
+)
 from .mla_decode_kernel_v5_fp8 import FP8_MATH_REGS, FP8_PRODUCER_REGS, SeesawFp8Loads, fp8_kv_copy
 from .mla_decode_kernel_v5_loads import (
     CHUNK,
@@ -417,7 +423,7 @@ class MlaDecodeSplitKVSeesaw(SeesawFp8Loads, SeesawLoads, MlaDecodeSplitKVWgmma)
             cute.arch.sync_threads()
         self.stamp(base.STAMP_SETUP, tidx, 0)
 
-        if tidx >= MATH_THREADS:  # the producer warpgroup: one warp issues the KV loads
+        if tidx >= MATH_THREADS:  # the producer warpgroup: one warp issues the KV loads (fp8: all four convert)
             cute.arch.setmaxregister_decrease(self.producer_regs)
             if cutlass.const_expr(self.kv_fp8):  # all four warps convert the fp8 cache
                 producer_waits = self.wait_sums()
