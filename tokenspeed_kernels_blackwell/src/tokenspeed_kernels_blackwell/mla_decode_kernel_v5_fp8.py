@@ -10,12 +10,15 @@ Imports cutlass at module level (only the kernel modules import it). A mixin of
 Why registers and not smem staging: Q (72 KB) and the two 16-bit tiles (144 KB) leave ~11 KB of
 shared memory, and a step of two tiles needs 22-48 KB in flight an SM to hide the load latency
 (docs/cute.md, "v5", fp8). The producer warpgroup's four warps (56 registers each, against 40
-with a 16-bit cache: ``FP8_PRODUCER_REGS``) hold one column group of
-up to five 64 x 64 chunks (160 bytes a thread) at a time, so the bytes of the step after next
-are asked of L2 first (``prefetch_tiles``) and the register loads find them there.
+with a 16-bit cache: ``FP8_PRODUCER_REGS``) hold one column group of up to five 64 x 64
+chunks (160 bytes a thread) at a time, so the next step's tiles are asked of L2 first
+(``prefetch_tiles``) and the register loads find them there.
 
 For each column group, in the order the math warpgroups free them (``SeesawLoads.produce``):
-1. 16-byte global loads of the group's chunks into registers (before the wait: they fly under it);
+1. 16-byte global loads of the group's chunks into registers (before the wait: they fly under
+   it). Not earlier: the publish below (4) is a ``MEMBAR.ALL.CTA``, which waits for every load
+   the thread has in flight, so loads issued before a publish would stall it (two groups in
+   registers, the next loaded before this one's publish, were 1.18-1.25x slower: run 49);
 2. wait for the group's "freed" mbarrier (the math warpgroup's release, which arms no bytes here);
 3. e4m3 -> 16-bit (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16) and
    16-byte stores into the swizzled tile slot, at the addresses the 16-bit TMA boxes would have
@@ -80,7 +83,8 @@ class SeesawFp8Loads:
         two tile slots' smem, unswizzled (16-bit elements; 1024-byte aligned)."""
         thr = kv_copy.get_slice(ptidx)
         tile_elems = self.block_n * self.D
-        # the two tile slots in 16-byte units (8 elements), and this thread's two store offsets
+        # the two tile slots, flat (a local_tile of 8 elements is one 16-byte unit), and this
+        # thread's two store offsets
         sK0 = cute.make_tensor(kv_ptr, cute.make_layout(tile_elems))
         sK1 = cute.make_tensor(kv_ptr + tile_elems, cute.make_layout(tile_elems))
         units = (sw128_units(ptidx, 0), sw128_units(ptidx, 1))
@@ -128,5 +132,5 @@ class SeesawFp8Loads:
             cute.arch.mbarrier_arrive(mbar + g)
 
 
-__all__ = ["BAR_PRODUCER", "sw128_units", "FP8_MATH_REGS", "FP8_PRODUCER_REGS", "PRODUCER_THREADS", "SeesawFp8Loads",
-           "fp8_kv_copy"]
+__all__ = ["BAR_PRODUCER", "FP8_MATH_REGS", "FP8_PRODUCER_REGS", "PRODUCER_THREADS", "SeesawFp8Loads", "fp8_kv_copy",
+           "sw128_units"]
